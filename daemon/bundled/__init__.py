@@ -1,0 +1,1 @@
+"""The bundled small DiffusionGemma-architecture code model (package data)."""

@@ -1,0 +1,368 @@
+"""Clients of the daemon: a blocking one for the command line, an asyncio one for the
+language server, and `ensure_daemon`, which starts a daemon when none answers (under a
+file lock, so two clients racing never start two daemons).
+
+Async use (the language server)::
+
+    client = await AsyncClient.connect()            # starts the daemon if needed
+    rid = client.new_id()
+    task = asyncio.create_task(client.request("fill", {"prefix": p, "suffix": s,
+                                                       "document": uri}, on_draft=show, id=rid))
+    ...
+    await client.cancel(rid)                         # or task.cancel(): same effect
+"""
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import itertools
+import os
+import socket as _socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator
+
+from . import protocol as proto
+from .config import ensure_private_dir, socket_path
+from .errors import DgemmaError
+
+DraftCallback = Callable[[dict[str, Any]], Any]
+# Starting a daemon returns as soon as its socket answers (it loads the model after
+# that), so this only needs to cover a Python start-up on a busy machine.
+START_TIMEOUT = 60.0
+
+
+class DaemonUnavailable(DgemmaError):
+    """No daemon answers (client side only: never sent on the wire)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("unavailable", message)
+
+
+def _hello_params() -> dict[str, Any]:
+    return {"protocol": proto.PROTOCOL_VERSION, "client": f"dgemma-python/{os.getpid()}"}
+
+
+def _raise_error(msg: dict[str, Any]) -> None:
+    err = msg.get("error") or {}
+    raise DgemmaError(str(err.get("code", "internal")), str(err.get("message", "unknown error")))
+
+
+# ---- blocking client ------------------------------------------------------------------
+
+class Client:
+    """One connection, one request at a time (the command line needs no more)."""
+
+    def __init__(self, sock: _socket.socket, path: Path) -> None:
+        self.sock = sock
+        self.path = path
+        self._ids = itertools.count(1)
+        self.greeting = proto.recv_frame(sock)
+        if self.greeting.get("type") != "hello":
+            raise DaemonUnavailable(f"{path} does not speak the dgemma protocol")
+        self.info = self._call("hello", _hello_params())
+
+    @classmethod
+    def connect(cls, path: Path | None = None, *, autostart: bool = False, model: str | None = None,
+                device: str | None = None, timeout: float | None = None) -> "Client":
+        path = Path(path) if path else socket_path()
+        if autostart:
+            ensure_daemon(path, model=model, device=device)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            sock.settimeout(5.0)
+            sock.connect(str(path))
+            sock.settimeout(timeout)
+            return cls(sock, path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise DaemonUnavailable(f"no daemon running at {path} (start one with `dgemma serve --detach`)") from None
+        except (OSError, proto.ConnectionClosed) as exc:
+            sock.close()
+            raise DaemonUnavailable(f"cannot talk to the daemon at {path}: {exc or type(exc).__name__}") from None
+        except BaseException:
+            sock.close()
+            raise
+
+    def _call(self, method: str, params: dict[str, Any] | None, on_draft: DraftCallback | None = None) -> dict[str, Any]:
+        rid = next(self._ids)
+        try:
+            self.sock.sendall(proto.encode(proto.request(rid, method, params)))
+            while True:
+                msg = proto.recv_frame(self.sock, 1 << 30)
+                if msg.get("id") not in (rid, None):
+                    continue
+                kind = msg.get("type")
+                if kind == "draft":
+                    if on_draft is not None:
+                        on_draft(msg["draft"])
+                elif kind == "result":
+                    return msg["result"]
+                elif kind == "error":
+                    _raise_error(msg)
+        except proto.ConnectionClosed:
+            raise DaemonUnavailable(f"the daemon at {self.path} closed the connection") from None
+        except OSError as exc:
+            raise DaemonUnavailable(f"lost the daemon at {self.path}: {exc}") from None
+
+    def request(self, method: str, params: dict[str, Any] | None = None,
+                on_draft: DraftCallback | None = None) -> dict[str, Any]:
+        """Send one request; returns its result, raises DgemmaError for its error."""
+        return self._call(method, params, on_draft)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ---- asyncio client -------------------------------------------------------------------
+
+class AsyncClient:
+    """Many concurrent requests over one connection; replies are matched by id."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: Path) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.path = path
+        self.info: dict[str, Any] = {}
+        self._ids = itertools.count(1)
+        self._pending: dict[Any, asyncio.Future[dict[str, Any]]] = {}
+        self._drafts: dict[Any, DraftCallback] = {}
+        self._reader_task: asyncio.Task[None] | None = None
+        self._lost: DgemmaError | None = None
+
+    @classmethod
+    async def connect(cls, path: Path | str | None = None, *, autostart: bool = True, model: str | None = None,
+                      device: str | None = None) -> "AsyncClient":
+        """Connect (starting a daemon first when `autostart` and none answers) and do
+        the version handshake. Raises DaemonUnavailable."""
+        path = Path(path) if path else socket_path()
+        if autostart:
+            await asyncio.to_thread(ensure_daemon, path, model=model, device=device)
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 30)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonUnavailable(f"no daemon running at {path}") from None
+        except OSError as exc:
+            raise DaemonUnavailable(f"cannot connect to the daemon at {path}: {exc}") from None
+        client = cls(reader, writer, path)
+        try:
+            greeting = await proto.read_frame(reader, 1 << 30)
+            if greeting.get("type") != "hello":
+                raise DaemonUnavailable(f"{path} does not speak the dgemma protocol")
+            client._reader_task = asyncio.get_running_loop().create_task(client._read_loop())
+            client.info = await client.request("hello", _hello_params())
+        except proto.ConnectionClosed:
+            await client.close()
+            raise DaemonUnavailable(f"the daemon at {path} closed the connection") from None
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    @property
+    def closed(self) -> bool:
+        return self._lost is not None or self.writer.is_closing()
+
+    def new_id(self) -> int:
+        return next(self._ids)
+
+    async def request(self, method: str, params: dict[str, Any] | None = None,
+                      on_draft: DraftCallback | None = None, id: Any = None) -> dict[str, Any]:
+        """Send a request and wait for its result (raises DgemmaError with the daemon's
+        code on an error reply). `on_draft(draft)` gets {text, step, canvas} per
+        denoising step; it may be a coroutine function. Cancelling the awaiting task
+        sends `cancel` for this id to the daemon."""
+        if self._lost is not None:
+            raise self._lost
+        rid = self.new_id() if id is None else id
+        if rid in self._pending:
+            raise DgemmaError("invalid_request", f"request id {rid!r} is already in flight")
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        if on_draft is not None:
+            self._drafts[rid] = on_draft
+        try:
+            self.writer.write(proto.encode(proto.request(rid, method, params)))
+            await self.writer.drain()
+            return await fut
+        except asyncio.CancelledError:
+            if method in ("fill", "edit") and self._lost is None:
+                try:
+                    self.writer.write(proto.encode(proto.request(f"cancel:{rid}", "cancel", {"id": rid})))
+                except Exception:
+                    pass
+            raise
+        except (ConnectionError, OSError) as exc:
+            raise DaemonUnavailable(f"lost the daemon at {self.path}: {exc}") from None
+        finally:
+            self._pending.pop(rid, None)
+            self._drafts.pop(rid, None)
+
+    async def cancel(self, rid: Any) -> bool:
+        """Ask the daemon to stop request `rid` (it then ends with error `cancelled`).
+        Returns whether the daemon still knew the request."""
+        res = await self.request("cancel", {"id": rid})
+        return bool(res.get("cancelled"))
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                msg = await proto.read_frame(self.reader, 1 << 30)
+                rid = msg.get("id")
+                kind = msg.get("type")
+                if kind == "draft":
+                    cb = self._drafts.get(rid)
+                    if cb is not None:
+                        try:
+                            res = cb(msg["draft"])
+                            if asyncio.iscoroutine(res):
+                                asyncio.get_running_loop().create_task(res)
+                        except Exception:
+                            pass  # a broken draft callback must not kill the connection
+                    continue
+                fut = self._pending.get(rid)
+                if fut is None or fut.done():
+                    if rid is None and kind == "error":
+                        # A connection-level error (malformed frame): fail everyone waiting.
+                        err = msg.get("error") or {}
+                        self._fail_all(DgemmaError(err.get("code", "internal"), err.get("message", "")))
+                    continue
+                if kind == "result":
+                    fut.set_result(msg.get("result") or {})
+                elif kind == "error":
+                    err = msg.get("error") or {}
+                    fut.set_exception(DgemmaError(str(err.get("code", "internal")), str(err.get("message", ""))))
+        except (proto.ConnectionClosed, ConnectionError, OSError):
+            self._fail_all(DaemonUnavailable(f"the daemon at {self.path} closed the connection"))
+        except DgemmaError as exc:
+            self._fail_all(exc)
+        except asyncio.CancelledError:
+            self._fail_all(DaemonUnavailable("connection closed"))
+            raise
+
+    def _fail_all(self, exc: DgemmaError) -> None:
+        if self._lost is None:
+            self._lost = exc if isinstance(exc, DaemonUnavailable) else DaemonUnavailable(exc.message)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    async def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            try:
+                await self._reader_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        try:
+            self.writer.close()
+            await self.writer.wait_closed()
+        except Exception:
+            pass
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+async def connect(path: Path | str | None = None, *, autostart: bool = True, model: str | None = None,
+                  device: str | None = None) -> AsyncClient:
+    """Shorthand for AsyncClient.connect."""
+    return await AsyncClient.connect(path, autostart=autostart, model=model, device=device)
+
+
+# ---- starting the daemon --------------------------------------------------------------
+
+def daemon_answers(path: Path | None = None, timeout: float = 2.0) -> bool:
+    path = Path(path) if path else socket_path()
+    try:
+        with Client.connect(path, timeout=timeout) as c:
+            c.request("ping")
+        return True
+    except (DgemmaError, OSError, proto.ConnectionClosed):
+        return False
+
+
+@contextmanager
+def _start_lock(folder: Path) -> Iterator[None]:
+    fd = os.open(folder / "start.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def serve_command(path: Path, model: str | None, device: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "dgemma.daemon.cli", "serve", "--socket", str(path)]
+    if model:
+        cmd += ["--model", model]
+    if device:
+        cmd += ["--device", device]
+    return cmd
+
+
+def spawn_daemon(path: Path, model: str | None = None, device: str | None = None,
+                 timeout: float = START_TIMEOUT) -> int:
+    """Start `dgemma serve` in its own session, logging to daemon.log next to the socket;
+    returns its pid once the socket answers. Raises DaemonUnavailable with the log's last
+    line when it dies first."""
+    folder = ensure_private_dir(path.parent)
+    logfile = folder / "daemon.log"
+    with open(logfile, "ab") as out:
+        start_at = out.tell()
+        proc = subprocess.Popen(serve_command(path, model, device), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DaemonUnavailable(f"the daemon exited at start: {_log_tail(logfile, start_at)} (log: {logfile})")
+        if daemon_answers(path, timeout=2.0):
+            return proc.pid
+        time.sleep(0.05)
+    raise DaemonUnavailable(f"the daemon did not answer within {timeout:.0f} s (log: {logfile})")
+
+
+def _log_tail(logfile: Path, start_at: int) -> str:
+    try:
+        with open(logfile, "rb") as f:
+            f.seek(start_at)
+            lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    for line in reversed(lines):
+        if line.startswith("dgemma:"):
+            return line[len("dgemma:"):].strip()
+    return lines[-1] if lines else "no output"
+
+
+def ensure_daemon(path: Path | str | None = None, *, model: str | None = None, device: str | None = None,
+                  timeout: float = START_TIMEOUT) -> Path:
+    """Make sure a daemon answers at `path`, starting one if needed. The start lock makes
+    concurrent callers wait for the first one's daemon instead of starting their own."""
+    path = Path(path) if path else socket_path()
+    if daemon_answers(path):
+        return path
+    folder = ensure_private_dir(path.parent)
+    with _start_lock(folder):
+        if not daemon_answers(path):
+            spawn_daemon(path, model=model, device=device, timeout=timeout)
+    return path
+
+
+__all__ = ["Client", "AsyncClient", "connect", "ensure_daemon", "spawn_daemon", "daemon_answers",
+           "DaemonUnavailable"]

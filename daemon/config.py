@@ -1,0 +1,215 @@
+"""Where dgemma keeps things, and the user's TOML config (with live reload).
+
+Every location can be overridden by an environment variable so that tests and
+side-by-side installs never touch the user's real directories.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import platformdirs
+
+from .errors import DgemmaError
+from .protocol import DEFAULT_MAX_FRAME
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+log = logging.getLogger("dgemma.config")
+
+APP = "dgemma"
+
+
+# ---- locations ------------------------------------------------------------------------
+
+def runtime_dir() -> Path:
+    """Socket, locks, pid and log. Private to the user (0700)."""
+    env = os.environ.get("DGEMMA_RUNTIME_DIR")
+    if env:
+        return Path(env)
+    # user_runtime_dir is /run/user/UID on Linux; it may be absent (containers, ssh
+    # without logind), so fall back to a per-user folder in the temp dir.
+    base = Path(platformdirs.user_runtime_dir(APP))
+    if base.parent.exists():
+        return base
+    import tempfile
+    return Path(tempfile.gettempdir()) / f"{APP}-{os.getuid()}"
+
+
+def config_dir() -> Path:
+    env = os.environ.get("DGEMMA_CONFIG_DIR")
+    return Path(env) if env else Path(platformdirs.user_config_dir(APP))
+
+
+def data_dir() -> Path:
+    env = os.environ.get("DGEMMA_DATA_DIR")
+    return Path(env) if env else Path(platformdirs.user_data_dir(APP))
+
+
+def config_path() -> Path:
+    return config_dir() / "config.toml"
+
+
+def socket_path() -> Path:
+    env = os.environ.get("DGEMMA_SOCKET")
+    return Path(env) if env else runtime_dir() / "daemon.sock"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create `path` with mode 0700 and refuse one that others can enter: anyone who can
+    reach the socket can make the daemon read prompts and spend the GPU."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise DgemmaError("invalid_params", f"{path} belongs to another user; set DGEMMA_RUNTIME_DIR")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+# ---- config ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Limits:
+    max_frame_bytes: int = DEFAULT_MAX_FRAME
+    # Requests one connection may have queued or running; more get `too_large`.
+    max_pending_per_client: int = 64
+    # Drafts waiting to be written to one slow client; newer drafts replace older ones
+    # of the same request, and past this many distinct ones drafts are dropped.
+    max_queued_drafts: int = 8
+    max_tokens: int = 2048
+    max_n: int = 8  # the engine's MAX_ALTERNATIVES
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    quantization: str | None = None
+    # Keyword arguments for the engine's SamplerSettings (e.g. max_denoising_steps).
+    sampler: dict[str, Any] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+
+    def model_identity(self) -> tuple[Any, ...]:
+        """What requires loading the model again when it changes."""
+        return (self.model, self.device, self.dtype, self.quantization)
+
+
+_TOP = {"model", "device", "dtype", "quantization", "sampler", "limits"}
+
+
+def parse_config(text: str, source: str = "config.toml") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise DgemmaError("invalid_params", f"{source}: {exc}") from None
+    unknown = set(data) - _TOP
+    if unknown:
+        raise DgemmaError("invalid_params", f"{source}: unknown key(s) {', '.join(sorted(unknown))}; "
+                                            f"known: {', '.join(sorted(_TOP))}")
+    kwargs: dict[str, Any] = {}
+    for key in ("model", "device", "dtype", "quantization"):
+        if key in data:
+            if not isinstance(data[key], str):
+                raise DgemmaError("invalid_params", f"{source}: `{key}` must be a string")
+            kwargs[key] = data[key]
+    if "model" in kwargs:
+        kwargs["model"] = os.path.expanduser(kwargs["model"])
+    sampler = data.get("sampler", {})
+    if not isinstance(sampler, dict):
+        raise DgemmaError("invalid_params", f"{source}: [sampler] must be a table")
+    kwargs["sampler"] = dict(sampler)
+    limits = data.get("limits", {})
+    if not isinstance(limits, dict):
+        raise DgemmaError("invalid_params", f"{source}: [limits] must be a table")
+    known = {f.name for f in fields(Limits)}
+    for key, value in limits.items():
+        if key not in known:
+            raise DgemmaError("invalid_params", f"{source}: unknown limit `{key}`; known: {', '.join(sorted(known))}")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise DgemmaError("invalid_params", f"{source}: limit `{key}` must be a positive integer")
+    kwargs["limits"] = Limits(**limits)
+    return Config(**kwargs)
+
+
+def load_config(path: Path | None = None) -> Config:
+    """The config at `path` (default: the user's); defaults when the file is absent."""
+    path = path or config_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Config()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DgemmaError("invalid_params", f"{path}: cannot read ({exc})") from None
+    return parse_config(text, str(path))
+
+
+class ConfigWatcher:
+    """Keeps `current` in step with the file; an invalid edit is logged, remembered in
+    `error` (so `dgemma status` can show it) and the previous config stays in force."""
+
+    def __init__(self, path: Path, initial: Config,
+                 on_change: Callable[[Config, Config], Awaitable[None] | None] | None = None) -> None:
+        self.path = path
+        self.current = initial
+        self.error: str | None = None
+        self._on_change = on_change
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    def reload(self) -> tuple[Config, bool]:
+        """Read the file now. Returns (config in force, whether it changed); raises
+        DgemmaError (and keeps the old config) when the file is invalid."""
+        try:
+            new = load_config(self.path)
+        except DgemmaError as exc:
+            self.error = exc.message
+            raise
+        self.error = None
+        changed = new != self.current
+        old, self.current = self.current, new
+        if changed:
+            log.info("config reloaded from %s", self.path)
+            if self._on_change is not None:
+                res = self._on_change(old, new)
+                if asyncio.iscoroutine(res):
+                    asyncio.get_running_loop().create_task(res)
+        return new, changed
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def _run(self) -> None:
+        import watchfiles
+
+        # Watch the folder, not the file: editors replace files by rename, and the file
+        # may not exist yet when the daemon starts.
+        folder = self.path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        name = self.path.name
+        async for changes in watchfiles.awatch(folder, stop_event=self._stop, debounce=200, step=50,
+                                               recursive=False):
+            if not any(Path(p).name == name for _, p in changes):
+                continue
+            try:
+                self.reload()
+            except DgemmaError as exc:
+                log.error("invalid config, keeping the previous one: %s", exc.message)

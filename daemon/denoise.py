@@ -1,0 +1,161 @@
+"""The denoising loop for one canvas, and the encoder passes around it.
+
+It follows ``DiffusionGemmaForBlockDiffusion.generate`` step for step (same random draws in the same
+order, so an unconstrained canvas reproduces it token for token) and adds pinned positions: they
+keep their token, count as fully confident, and feed self-conditioning a one-hot distribution.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from dgemma.daemon.errors import DgemmaError
+from dgemma.daemon.sampling import SamplerSettings
+
+
+@dataclass
+class StepState:
+    """What a per-step observer sees: the current argmax canvas and per-position entropy."""
+
+    step: int
+    argmax: torch.Tensor  # (B, C)
+    entropy: torch.Tensor  # (B, C), 0 at pinned positions
+    finished: torch.Tensor  # (B,)
+
+
+@dataclass
+class CanvasOutcome:
+    argmax: torch.Tensor  # (B, C) the denoised canvas
+    logprobs: torch.Tensor  # (B, C) log-probability of each argmax token at the row's last step
+    steps: int
+
+
+class Interrupt:
+    """Cancellation and deadline, checked between steps."""
+
+    def __init__(self, cancel: object | None = None, deadline: float | None = None) -> None:
+        self.cancel = cancel
+        self.deadline = deadline
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise DgemmaError("cancelled", "The request was cancelled.")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DgemmaError("deadline", "The request ran past its deadline.")
+
+
+def encode(model, ids: torch.Tensor, cache: DynamicCache) -> None:
+    """Causal encoder pass that appends ``ids`` (B, L) to ``cache``: prompt prefill and canvas commit."""
+    start = cache.get_seq_length()
+    batch, length = ids.shape
+    positions = torch.arange(start, start + length, dtype=torch.int32, device=ids.device).unsqueeze(0)
+    seen = torch.ones((batch, start + length), dtype=torch.bool, device=ids.device)
+    encoder = model.model.encoder
+    masks = encoder.create_masks_for_generate(
+        config=model.config, inputs_embeds=torch.empty((batch, length, 0), dtype=model.dtype, device=ids.device),
+        attention_mask=seen, past_key_values=cache, position_ids=positions,
+    )
+    encoder(input_ids=ids.contiguous(), attention_mask=masks, past_key_values=cache, position_ids=positions)
+
+
+def expand_cache(cache: DynamicCache, batch: int) -> DynamicCache:
+    """A view of a batch-1 cache for ``batch`` rows; the decoder only reads it, so no copy is made."""
+    if batch == 1:
+        return cache
+    wide = DynamicCache.__new__(DynamicCache)
+    wide.__dict__.update(cache.__dict__)
+    wide.layers = []
+    for layer in cache.layers:
+        clone = layer.__class__.__new__(layer.__class__)
+        clone.__dict__.update(layer.__dict__)
+        clone.keys = layer.keys.expand(batch, -1, -1, -1)
+        clone.values = layer.values.expand(batch, -1, -1, -1)
+        wide.layers.append(clone)
+    return wide
+
+
+def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tensor, settings: SamplerSettings,
+            generator: torch.Generator | None, interrupt: Interrupt | None = None,
+            on_step: Callable[[StepState], None] | None = None) -> CanvasOutcome:
+    """Denoise ``canvas`` (B, C) against the cached prefix; ``pinned`` (B, C) positions stay as given."""
+    batch, canvas_length = canvas.shape
+    device = canvas.device
+    vocab = model.config.text_config.vocab_size
+    embed_dtype = model.model.decoder.embed_tokens.weight.dtype
+    start = cache.get_seq_length()
+    positions = torch.arange(start, start + canvas_length, dtype=torch.int32, device=device).unsqueeze(0)
+    cache = expand_cache(cache, batch)
+    free = ~pinned
+    any_pinned = bool(pinned.any())
+    pin_values = canvas[pinned]
+    # Self-conditioning reads softmax(logits): -inf everywhere but the pinned token makes it one-hot.
+    pin_logits = torch.full((pin_values.numel(), vocab), float("-inf"), device=device)
+    pin_logits[torch.arange(pin_values.numel(), device=device), pin_values] = 0.0
+    free_count = free.sum(-1).clamp(min=1)
+
+    current, argmax = canvas, canvas
+    sc_logits = None
+    # The last `stability_threshold` argmax canvases; a row is stable when all equal the new one.
+    history: list[torch.Tensor] = []
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    steps = 0
+    for steps_left in range(settings.max_denoising_steps, 0, -1):
+        if interrupt is not None:
+            interrupt.check()
+        steps += 1
+        logits = model(decoder_input_ids=current, self_conditioning_logits=sc_logits, past_key_values=cache,
+                       decoder_position_ids=positions).logits
+        logits = logits / settings.temperature(steps_left)
+        if any_pinned:
+            logits[pinned] = pin_logits
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        sampled = torch.multinomial(probs.view(-1, vocab), 1, generator=generator).view(batch, canvas_length)
+        new_argmax = logits.argmax(-1)
+        entropy = _entropy(logits, pinned, any_pinned)
+
+        # Accept the k lowest-entropy positions whose summed entropy, less the largest, stays in bound.
+        sorted_entropy, order = torch.sort(entropy, dim=-1)
+        keep_sorted = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= settings.entropy_bound
+        accept = torch.scatter(torch.zeros_like(keep_sorted), -1, order, keep_sorted)
+        accepted = torch.where(accept, sampled, current)
+        noise = torch.randint(0, vocab, (batch, canvas_length), device=device, generator=generator)
+        new_current = torch.where(accept, accepted, noise)
+        if any_pinned:
+            new_current = torch.where(pinned, canvas, new_current)
+            new_argmax = torch.where(pinned, canvas, new_argmax)
+
+        # Rows that already stopped keep their canvas, argmax and logits.
+        if finished.any():
+            new_argmax = torch.where(finished[:, None], argmax, new_argmax)
+            new_current = torch.where(finished[:, None], current, new_current)
+            logits = torch.where(finished[:, None, None], sc_logits, logits)
+            entropy = _entropy(logits, pinned, any_pinned)
+        if settings.stability_threshold == 0:
+            stable = torch.ones_like(finished)
+        elif len(history) < settings.stability_threshold:
+            stable = torch.zeros_like(finished)
+        else:
+            stable = torch.stack([(old == new_argmax).all(-1) for old in history]).all(0)
+        confident = (entropy * free).sum(-1) / free_count < settings.confidence_threshold
+        finished = finished | (stable & confident)
+        if settings.stability_threshold:
+            history = [*history, new_argmax][-settings.stability_threshold:]
+        current, argmax = new_current, new_argmax
+        sc_logits = logits.to(embed_dtype)
+        if on_step is not None:
+            on_step(StepState(step=steps, argmax=argmax, entropy=entropy, finished=finished))
+        if bool(finished.all()):
+            break
+    # Each row's confidence in its own result, from the last step it was still denoising.
+    logprobs = torch.log_softmax(sc_logits.float(), dim=-1).gather(-1, argmax.unsqueeze(-1)).squeeze(-1)
+    return CanvasOutcome(argmax=argmax, logprobs=logprobs, steps=steps)
+
+
+def _entropy(logits: torch.Tensor, pinned: torch.Tensor, any_pinned: bool) -> torch.Tensor:
+    # torch.distributions, as transformers computes it, so unconstrained canvases match bit for bit.
+    entropy = torch.distributions.Categorical(logits=logits).entropy()
+    return entropy.masked_fill(pinned, 0.0) if any_pinned else entropy

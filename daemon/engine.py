@@ -1,0 +1,354 @@
+"""The engine: an editor request becomes seeded canvases, and denoised canvases become text.
+
+request -> context ids (prefix cache) -> canvas plan (canvas.py) -> denoise loop (denoise.py)
+-> ranked completions. Canvas layouts and the public API are documented in docs/engine.md.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from dgemma.daemon.canvas import CanvasPlan, plan_rows, slot_candidates, slot_tokens
+from dgemma.daemon.denoise import Interrupt, StepState, denoise, encode
+from dgemma.daemon.errors import DgemmaError
+from dgemma.daemon.loading import LoadedModel
+from dgemma.daemon.prefix_cache import PrefixCache
+from dgemma.daemon.sampling import SamplerSettings
+
+MAX_ALTERNATIVES = 8
+MAX_NEW_TOKENS = 4096
+
+
+@dataclass
+class Completion:
+    text: str
+    score: float  # mean log-probability of the chosen tokens (and the closing <eos>)
+    tokens: int
+    finished: bool  # the model closed the middle with <eos> (False: cut by the token budget)
+
+
+@dataclass
+class Draft:
+    text: str
+    step: int
+    canvas: int
+
+
+@dataclass
+class Result:
+    completions: list[Completion]
+    steps: int = 0
+    canvases: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    ms: float = 0.0
+    seed: int = 0
+    model: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.completions[0].text
+
+
+@dataclass
+class _Row:
+    """One decoded row: its middle tokens and the log-probabilities behind them."""
+
+    tokens: list[int]
+    finished: bool
+    logprob_sum: float
+    logprob_count: int
+
+    @property
+    def score(self) -> float:
+        return self.logprob_sum / max(1, self.logprob_count)
+
+
+@dataclass
+class _Request:
+    settings: SamplerSettings
+    generator: torch.Generator
+    interrupt: Interrupt
+    on_step: Callable[[Draft], None] | None
+    steps: int = 0
+    canvases: int = 0
+    committed: list[int] = field(default_factory=list)  # middle tokens of earlier canvases, for drafts
+
+
+class Engine:
+    """Owns one loaded model. Not thread-safe: a single worker thread calls it."""
+
+    def __init__(self, loaded: LoadedModel, *, settings: SamplerSettings | None = None,
+                 prefix_cache_bytes: int | None = None) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        config = self.model.config
+        self.text_config = config.get_text_config(decoder=True)
+        self.canvas_length: int = config.canvas_length
+        self.context_limit: int = self.text_config.max_position_embeddings
+        self.vocab_size: int = self.text_config.vocab_size
+        self.eos_id = _single_id(self.tokenizer.eos_token_id, self.text_config.eos_token_id)
+        self.pad_id = _single_id(self.tokenizer.pad_token_id, self.text_config.pad_token_id)
+        self.bos_token: str = self.tokenizer.bos_token or ""
+        self.settings = settings or SamplerSettings.from_generation_config(self.model.generation_config)
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = (1 << 30) if self.device.type == "cuda" else (256 << 20)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+
+    # ------------------------------------------------------------------ public API
+    def fill(self, prefix: str, suffix: str, *, n: int = 1, max_tokens: int = 256, seed: int | None = None,
+             settings: SamplerSettings | dict | None = None, on_step: Callable[[Draft], None] | None = None,
+             cancel: object | None = None, deadline: float | None = None) -> Result:
+        """The middle between ``prefix`` and ``suffix``: n alternatives, best first."""
+        _check_text(prefix=prefix, suffix=suffix)
+        if not prefix and not suffix:
+            raise DgemmaError("invalid_params", "Nothing to fill: prefix and suffix are both empty.")
+        ids, stable = self._context(self.bos_token, prefix)
+        suffix_ids = self._encode(suffix)
+
+        def plans(block: int, budget: int) -> list[tuple[int, list[int] | None]]:
+            return [(m, None) for m in slot_candidates(self.canvas_length, budget)]
+
+        return self._run(ids, stable, suffix_ids, plans, n=n, max_tokens=max_tokens, seed=seed,
+                         settings=settings, on_step=on_step, cancel=cancel, deadline=deadline, strength=1.0)
+
+    def edit(self, prefix: str, selection: str, suffix: str, instruction: str, *, n: int = 1,
+             strength: float = 0.5, max_tokens: int | None = None, seed: int | None = None,
+             settings: SamplerSettings | dict | None = None, on_step: Callable[[Draft], None] | None = None,
+             cancel: object | None = None, deadline: float | None = None) -> Result:
+        """A rewrite of ``selection`` following ``instruction``; canvases start from the selection."""
+        _check_text(prefix=prefix, selection=selection, suffix=suffix, instruction=instruction)
+        if not instruction.strip():
+            raise DgemmaError("invalid_params", "The edit instruction is empty.")
+        if not 0.0 <= strength <= 1.0:
+            raise DgemmaError("invalid_params", f"strength must be in [0, 1], got {strength}.")
+        ids, stable = self._context(self._instruction_prompt(instruction), prefix)
+        suffix_ids = self._encode(suffix)
+        selection_ids = self._encode(selection)
+        canvas = self.canvas_length
+        longest = slot_candidates(canvas, canvas)[-1]
+        slack = max(8, len(selection_ids) // 4)
+        # All but the last block rewrite a full canvas of the selection; the last one gets slack to
+        # grow and the pinned suffix after it.
+        full_blocks = max(0, math.ceil((len(selection_ids) + slack - longest) / canvas))
+        chunks = [selection_ids[i * canvas:(i + 1) * canvas] for i in range(full_blocks)]
+        last = selection_ids[full_blocks * canvas:]
+
+        def plans(block: int, budget: int) -> list[tuple[int, list[int] | None]]:
+            if block < len(chunks):
+                return [(canvas, chunks[block])]
+            if block == len(chunks):
+                return [(min(longest, len(last) + slack, budget), last)]
+            return []  # the selection is rewritten: no further canvases
+
+        budget = max_tokens if max_tokens is not None else len(selection_ids) + slack + canvas
+        return self._run(ids, stable, suffix_ids, plans, n=n, max_tokens=budget, seed=seed, settings=settings,
+                         on_step=on_step, cancel=cancel, deadline=deadline, strength=strength)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, *, max_new_tokens: int = 256, seed: int = 0,
+                 settings: SamplerSettings | None = None) -> torch.Tensor:
+        """Unconstrained block diffusion, as ``DiffusionGemmaForBlockDiffusion.generate`` does it:
+        same seed and settings give the same tokens. Returns prompt + canvases, padded after <eos>."""
+        settings = settings or self.settings
+        generator = torch.Generator(self.device).manual_seed(seed)
+        ids = input_ids.to(self.device)
+        batch = ids.shape[0]
+        max_length = ids.shape[1] + max_new_tokens
+        cache = DynamicCache(config=self.text_config)
+        encode(self.model, ids, cache)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        no_pins = torch.zeros(batch, self.canvas_length, dtype=torch.bool, device=self.device)
+        for _ in range(math.ceil(max_new_tokens / self.canvas_length)):
+            noise = self._noise(batch, generator)
+            canvas = denoise(self.model, cache, noise, no_pins, settings, generator).argmax.clone()
+            is_eos = canvas == self.eos_id
+            done_now = is_eos.any(-1) | (ids.shape[1] + self.canvas_length >= max_length)
+            before, finished = finished, finished | done_now
+            if finished.any():
+                canvas[before] = self.pad_id
+                seen = is_eos.cumsum(-1)
+                canvas[(seen > 0) & ~((seen == 1) & is_eos)] = self.pad_id
+            ids = torch.cat([ids, canvas], dim=-1)
+            if bool(finished.all()):
+                break
+            encode(self.model, canvas, cache)
+        return ids
+
+    # ------------------------------------------------------------------ request -> context ids
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _instruction_prompt(self, instruction: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                                      add_generation_prompt=True)
+        return f"{self.bos_token}{instruction}\n\n"
+
+    def _context(self, head: str, code: str) -> tuple[list[int], int]:
+        """Token ids of ``head + code`` and how many leading ids are *stable*: they end before the
+        whitespace run holding the code's last newline, so typing on the current line cannot
+        change them. Prefill always splits there, which makes a prefix-cache hit compute exactly
+        what a cold run computes."""
+        text = head + code
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        if len(ids) + self.canvas_length > self.context_limit:
+            raise DgemmaError("too_large", f"The prompt is {len(ids)} tokens; with one {self.canvas_length}-token "
+                              f"canvas it exceeds the model's context of {self.context_limit}. Send less context.")
+        newline = text.rfind("\n", len(head))
+        if newline < 0:
+            return ids, sum(1 for _, end in offsets if end <= len(head))
+        cut = len(text[:newline].rstrip())
+        return ids, sum(1 for _, end in offsets if end <= cut)
+
+    @torch.no_grad()
+    def _prefill(self, ids: list[int], stable: int) -> tuple[DynamicCache, int]:
+        hit = self.prefix_cache.lookup(ids[:stable])
+        cache, done = (hit[1], len(hit[0])) if hit else (DynamicCache(config=self.text_config), 0)
+        as_tensor = lambda part: torch.tensor([part], dtype=torch.long, device=self.device)  # noqa: E731
+        if done < stable:
+            encode(self.model, as_tensor(ids[done:stable]), cache)
+            self.prefix_cache.store(ids[:stable], cache)
+        if stable < len(ids):
+            encode(self.model, as_tensor(ids[stable:]), cache)
+        return cache, done
+
+    # ------------------------------------------------------------------ canvases -> completions
+    def _noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.vocab_size, (batch, self.canvas_length), device=self.device,
+                             generator=generator)
+
+    def _plan(self, rows: list[tuple[int, list[int] | None]], suffix_ids: list[int], strength: float,
+              generator: torch.Generator) -> CanvasPlan:
+        noise = self._noise(len(rows), generator)
+        seeds = [seed for _, seed in rows]
+        if all(seed is None for seed in seeds):
+            return plan_rows(noise, [m for m, _ in rows], suffix_ids, self.eos_id, self.pad_id)
+        renoise = torch.rand(noise.shape, device=self.device, generator=generator) < strength
+        return plan_rows(noise, [m for m, _ in rows], suffix_ids, self.eos_id, self.pad_id,
+                         seeds=[seed or [] for seed in seeds], renoise=renoise)
+
+    def _decode_canvas(self, cache: DynamicCache, rows: list[tuple[int, list[int] | None]], suffix_ids: list[int],
+                       strength: float, req: _Request) -> list[_Row]:
+        plan = self._plan(rows, suffix_ids, strength, req.generator)
+        observer = self._draft_observer(plan, req) if req.on_step else None
+        outcome = denoise(self.model, cache, plan.tokens.to(self.device), plan.pinned.to(self.device),
+                          req.settings, req.generator, req.interrupt, observer)
+        req.steps += outcome.steps
+        req.canvases += 1
+        decoded = []
+        argmax, logprobs = outcome.argmax.tolist(), outcome.logprobs
+        for i, m in enumerate(plan.slots):
+            tokens, finished = slot_tokens(argmax[i], m, self.eos_id)
+            # A canvas with no pinned tail is a middle block of a long edit: more follows it.
+            finished = finished and m < self.canvas_length
+            scored = len(tokens) + 1 if finished else m  # the closing <eos> is part of the answer
+            decoded.append(_Row(tokens, finished, float(logprobs[i, :scored].sum()), scored))
+        return decoded
+
+    def _draft_observer(self, plan: CanvasPlan, req: _Request) -> Callable[[StepState], None]:
+        free = (~plan.pinned).to(self.device)
+
+        def observe(state: StepState) -> None:
+            # The draft is the row the model is currently most sure of.
+            mean_entropy = (state.entropy * free).sum(-1) / free.sum(-1).clamp(min=1)
+            row = int(mean_entropy.argmin())
+            tokens, _ = slot_tokens(state.argmax[row].tolist(), plan.slots[row], self.eos_id)
+            req.on_step(Draft(text=self._decode(req.committed + tokens), step=req.steps + state.step,
+                              canvas=req.canvases))
+        return observe
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def _run(self, ids: list[int], stable: int, suffix_ids: list[int],
+             plans: Callable[[int, int], list[tuple[int, list[int] | None]]], *, n: int, max_tokens: int,
+             seed: int | None, settings: SamplerSettings | dict | None, on_step: Callable[[Draft], None] | None,
+             cancel: object | None, deadline: float | None, strength: float) -> Result:
+        if not isinstance(n, int) or not 1 <= n <= MAX_ALTERNATIVES:
+            raise DgemmaError("invalid_params", f"n must be an integer in 1..{MAX_ALTERNATIVES}, got {n!r}.")
+        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_NEW_TOKENS:
+            raise DgemmaError("invalid_params", f"max_tokens must be in 1..{MAX_NEW_TOKENS}, got {max_tokens!r}.")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        if not isinstance(settings, SamplerSettings):
+            settings = SamplerSettings.from_mapping(settings, base=self.settings)
+        started = time.perf_counter()
+        req = _Request(settings=settings, generator=torch.Generator(self.device).manual_seed(int(seed)),
+                       interrupt=Interrupt(cancel, deadline), on_step=on_step)
+        req.interrupt.check()
+        cache, cached = self._prefill(ids, stable)
+
+        # First canvas: every alternative tries every planned layout in one batch.
+        first_rows = plans(0, max_tokens) * n
+        decoded = self._decode_canvas(cache, first_rows, suffix_ids, strength, req)
+        ranked, seen = [], set()
+        for row in sorted(decoded, key=_rank, reverse=True):
+            if tuple(row.tokens) not in seen:
+                seen.add(tuple(row.tokens))
+                ranked.append(row)
+        chosen = ranked[:n]
+
+        completions = []
+        for row in chosen:
+            branch = cache if len(chosen) == 1 else copy.deepcopy(cache)
+            row = self._continue(branch, len(ids), row, suffix_ids, plans, max_tokens, strength, req)
+            completions.append(Completion(text=self._decode(row.tokens), score=row.score, tokens=len(row.tokens),
+                                          finished=row.finished))
+        completions.sort(key=lambda c: (c.finished, c.score), reverse=True)
+        return Result(completions=completions, steps=req.steps, canvases=req.canvases, prompt_tokens=len(ids),
+                      cached_tokens=cached, ms=(time.perf_counter() - started) * 1000, seed=int(seed),
+                      model=self.loaded.name)
+
+    def _continue(self, cache: DynamicCache, context: int, row: _Row, suffix_ids: list[int],
+                  plans: Callable[[int, int], list[tuple[int, list[int] | None]]], max_tokens: int,
+                  strength: float, req: _Request) -> _Row:
+        """Commit the canvas and decode the next one until the middle ends, the plan runs out, the
+        token budget is spent or the context is full."""
+        block, new = 1, row.tokens
+        req.committed = list(row.tokens)
+        while not row.finished and len(row.tokens) < max_tokens:
+            rows = plans(block, max_tokens - len(row.tokens))
+            if not rows or context + len(row.tokens) + self.canvas_length > self.context_limit:
+                break
+            if new:
+                encode(self.model, torch.tensor([new], dtype=torch.long, device=self.device), cache)
+            nxt = max(self._decode_canvas(cache, rows, suffix_ids, strength, req), key=_rank)
+            row = _Row(row.tokens + nxt.tokens, nxt.finished, row.logprob_sum + nxt.logprob_sum,
+                       row.logprob_count + nxt.logprob_count)
+            req.committed = list(row.tokens)
+            block, new = block + 1, nxt.tokens
+        row.tokens = row.tokens[:max_tokens]
+        return row
+
+
+def _rank(row: _Row) -> tuple:
+    """Finished rows first, by score; among unfinished ones the row that got furthest, since it
+    continues into the next canvas."""
+    return (True, row.score) if row.finished else (False, len(row.tokens), row.score)
+
+
+def _single_id(*candidates: int | list[int] | None) -> int:
+    for value in candidates:
+        if isinstance(value, list) and value:
+            return int(value[0])
+        if isinstance(value, int):
+            return value
+    raise DgemmaError("model_missing", "The model's tokenizer defines no <eos>/<pad> token.")
+
+
+def _check_text(**values: object) -> None:
+    for name, value in values.items():
+        if not isinstance(value, str):
+            raise DgemmaError("invalid_params", f"'{name}' must be a string, got {type(value).__name__}.")

@@ -1,0 +1,269 @@
+"""Reading a source file for an edit, writing it back atomically, and the undo store.
+
+The model sees text with "\\n" line endings; the file keeps its own bytes. Only the
+edited region is re-encoded (in the file's dominant line ending), so everything outside
+it stays byte-identical, mixed line endings and BOM included.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import data_dir
+from .errors import DgemmaError
+
+BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What "the file has not changed" means: same mtime, size and content hash."""
+    mtime_ns: int
+    size: int
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path, data: bytes | None = None) -> "Snapshot":
+        st = path.stat()
+        if data is None:
+            data = path.read_bytes()
+        return cls(st.st_mtime_ns, st.st_size, hashlib.sha256(data).hexdigest())
+
+
+@dataclass
+class SourceFile:
+    path: Path           # the real file (symlinks resolved: we replace the target)
+    shown: str           # the name the user typed, for messages and diffs
+    raw: bytes
+    bom: bool
+    lines: list[bytes]   # with their own line endings
+    newline: bytes       # dominant ending, used for generated text
+    snapshot: Snapshot
+    mode: int
+
+    def text(self, start: int, end: int) -> str:
+        """Lines [start, end) (0-based) as "\\n"-terminated text for the model."""
+        return "".join(_norm(line) for line in self.lines[start:end])
+
+    @property
+    def line_count(self) -> int:
+        return len(self.lines)
+
+
+def _norm(line: bytes) -> str:
+    s = line.decode("utf-8")
+    if s.endswith("\r\n"):
+        return s[:-2] + "\n"
+    return s
+
+
+def read_source(name: str | os.PathLike[str]) -> SourceFile:
+    shown = str(name)
+    path = Path(name)
+    try:
+        real = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise DgemmaError("invalid_params", f"{shown}: no such file") from None
+    except OSError as exc:
+        raise DgemmaError("invalid_params", f"{shown}: {exc.strerror or exc}") from None
+    if not real.is_file():
+        raise DgemmaError("invalid_params", f"{shown}: not a regular file")
+    try:
+        raw = real.read_bytes()
+        st = real.stat()
+    except OSError as exc:
+        raise DgemmaError("invalid_params", f"{shown}: cannot read ({exc.strerror or exc})") from None
+    bom = raw.startswith(BOM)
+    body = raw[len(BOM):] if bom else raw
+    if b"\x00" in body[:65536]:
+        raise DgemmaError("invalid_params", f"{shown}: binary file (contains NUL bytes); dgemma edits text only")
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DgemmaError("invalid_params",
+                          f"{shown}: not UTF-8 text (bad byte at offset {exc.start}); dgemma edits UTF-8 only") from None
+    lines = body.splitlines(keepends=True)
+    # splitlines also splits on \x0b, \x0c, \x1c.. and U+2028 in str, but on bytes only
+    # on \n, \r\n and \r, which is what editors and compilers count as lines too.
+    crlf = sum(1 for line in lines if line.endswith(b"\r\n"))
+    lf = sum(1 for line in lines if line.endswith(b"\n")) - crlf
+    newline = b"\r\n" if crlf > lf else b"\n"
+    return SourceFile(real, shown, raw, bom, lines, newline,
+                      Snapshot(st.st_mtime_ns, st.st_size, hashlib.sha256(raw).hexdigest()),
+                      st.st_mode & 0o7777)
+
+
+def parse_range(spec: str) -> tuple[str, int, int]:
+    """FILE:START-END (1-based, inclusive; FILE:N means one line)."""
+    m = re.fullmatch(r"(.+):(\d+)(?:-(\d+))?", spec)
+    if not m:
+        raise DgemmaError("invalid_params", f"expected FILE:START-END (1-based lines), got {spec!r}")
+    start = int(m.group(2))
+    end = int(m.group(3)) if m.group(3) else start
+    if start < 1 or end < start:
+        raise DgemmaError("invalid_params", f"bad line range {start}-{end}: need 1 <= START <= END")
+    return m.group(1), start, end
+
+
+def parse_position(spec: str) -> tuple[str, int, int]:
+    """FILE:LINE:COL (1-based, as compilers print them; COL counts characters)."""
+    m = re.fullmatch(r"(.+):(\d+):(\d+)", spec)
+    if not m:
+        raise DgemmaError("invalid_params", f"expected FILE:LINE:COL (1-based), got {spec!r}")
+    line, col = int(m.group(2)), int(m.group(3))
+    if line < 1 or col < 1:
+        raise DgemmaError("invalid_params", f"bad position {line}:{col}: lines and columns start at 1")
+    return m.group(1), line, col
+
+
+def check_range(src: SourceFile, start: int, end: int) -> None:
+    n = src.line_count
+    if end > n:
+        raise DgemmaError("invalid_params", f"{src.shown}: line range {start}-{end} is past the end "
+                                            f"(the file has {n} line{'s' if n != 1 else ''})")
+
+
+def split_at(src: SourceFile, line: int, col: int) -> tuple[str, str]:
+    """prefix/suffix text around a 1-based position."""
+    n = src.line_count
+    if line > max(n, 1) or (n == 0 and col > 1):
+        raise DgemmaError("invalid_params", f"{src.shown}: line {line} is past the end (the file has {n} lines)")
+    if n == 0:
+        return "", ""
+    current = _norm(src.lines[line - 1])
+    content = current[:-1] if current.endswith("\n") else current
+    if col > len(content) + 1:
+        raise DgemmaError("invalid_params",
+                          f"{src.shown}:{line}: column {col} is past the end of the line ({len(content)} characters)")
+    prefix = src.text(0, line - 1) + current[:col - 1]
+    suffix = current[col - 1:] + src.text(line, n)
+    return prefix, suffix
+
+
+def replace_lines(src: SourceFile, start: int, end: int, new_text: str) -> bytes:
+    """The file's bytes with lines start..end (1-based, inclusive) replaced by `new_text`."""
+    new = new_text.replace("\r\n", "\n").encode("utf-8")
+    if src.newline != b"\n":
+        new = new.replace(b"\n", src.newline)
+    out = (BOM if src.bom else b"") + b"".join(src.lines[:start - 1]) + new + b"".join(src.lines[end:])
+    return out
+
+
+# ---- atomic write ---------------------------------------------------------------------
+
+def atomic_write(path: Path, data: bytes, expected: Snapshot | None, mode: int | None = None) -> Snapshot:
+    """Replace `path` by `data` so that a reader (or a crash, or SIGKILL) sees either the
+    old file or the new one, never a mix: temp file in the same folder, fsync, rename,
+    fsync of the folder. Refuses with `file_changed` when the file on disk no longer
+    matches `expected`; the check runs after the temp file is ready, just before the
+    rename, to keep the window as small as we can without a lock editors would honour."""
+    folder = path.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".dgemma-tmp", dir=folder)
+    try:
+        try:
+            if mode is not None:
+                os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if expected is not None:
+            try:
+                now = Snapshot.of(path)
+            except FileNotFoundError:
+                raise DgemmaError("file_changed", f"{path} was removed since dgemma read it; nothing written") from None
+            if now != expected:
+                raise DgemmaError("file_changed", f"{path} changed on disk since dgemma read it; nothing written")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(folder)
+    return Snapshot.of(path, data)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(dfd)
+
+
+# ---- undo store -----------------------------------------------------------------------
+
+KEEP_PER_FILE = 20
+
+
+class UndoStore:
+    """Previous versions of files dgemma wrote, newest last, per real path."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or data_dir() / "undo"
+
+    def _folder(self, path: Path) -> Path:
+        key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+        return self.root / key
+
+    def save(self, path: Path, previous: bytes, mode: int, written_sha256: str) -> Path:
+        """Remember `previous` before `path` is replaced by content hashing to
+        `written_sha256`. Call before the write, so a crash right after the rename still
+        leaves a way back; `discard` the returned entry if the write is refused."""
+        folder = self._folder(path)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        stamp = f"{time.time_ns():020d}"
+        (folder / f"{stamp}.bak").write_bytes(previous)
+        meta = {"path": str(path.resolve()), "mode": mode, "written_sha256": written_sha256, "time": time.time()}
+        entry = folder / f"{stamp}.json"
+        # meta last: an entry without meta (a crash in between) is ignored.
+        entry.write_text(json.dumps(meta))
+        entries = sorted(folder.glob("*.json"))
+        for old in entries[:-KEEP_PER_FILE]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".bak").unlink(missing_ok=True)
+        return entry
+
+    def discard(self, entry: Path) -> None:
+        entry.unlink(missing_ok=True)
+        entry.with_suffix(".bak").unlink(missing_ok=True)
+
+    def undo(self, name: str | os.PathLike[str]) -> Path:
+        """Put back the version before dgemma's last write; refuses if the file was
+        changed since (the user's later work would be lost)."""
+        shown = str(name)
+        path = Path(name)
+        if not path.exists():
+            raise DgemmaError("invalid_params", f"{shown}: no such file")
+        path = path.resolve()
+        folder = self._folder(path)
+        entries = sorted(folder.glob("*.json")) if folder.exists() else []
+        if not entries:
+            raise DgemmaError("invalid_params", f"{shown}: nothing to undo (dgemma has not edited this file)")
+        meta_path = entries[-1]
+        meta = json.loads(meta_path.read_text())
+        previous = meta_path.with_suffix(".bak").read_bytes()
+        current = Snapshot.of(path)
+        if current.sha256 != meta["written_sha256"]:
+            raise DgemmaError("file_changed", f"{shown} changed since dgemma edited it; not undoing "
+                                              "(your later changes would be lost)")
+        atomic_write(path, previous, current, mode=meta.get("mode"))
+        meta_path.unlink()
+        meta_path.with_suffix(".bak").unlink(missing_ok=True)
+        return path

@@ -1,0 +1,787 @@
+"""The resident daemon: an asyncio Unix-socket server in front of one model worker thread.
+
+Threads: the asyncio loop owns every socket and all connection state; the worker thread
+owns the engine (which is not thread-safe). They meet in the Scheduler (a lock and a
+condition variable) and through loop.call_soon_threadsafe for replies. The worker never
+waits on a client, so a slow or vanished client cannot stall anyone else.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import fcntl
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import protocol as proto
+from .config import Config, ConfigWatcher, config_path, ensure_private_dir, runtime_dir, socket_path
+from .errors import DgemmaError
+
+log = logging.getLogger("dgemma.daemon")
+
+try:
+    from dgemma import __version__ as VERSION
+except Exception:  # pragma: no cover - dgemma/__init__ always defines it
+    VERSION = "0"
+
+SERVER_NAME = f"dgemma/{VERSION}"
+# Past this many unwritten replies a client is not reading at all; dropping it is
+# kinder to everyone else than buffering without bound.
+MAX_OUTBOX = 1024
+
+
+# ---- jobs and scheduling ----------------------------------------------------------------
+
+class CancelFlag:
+    """threading.Event-like flag the engine polls between steps, plus why it was set."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def set(self, reason: str = "cancelled") -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass(eq=False)
+class Job:
+    conn: "Connection"
+    id: Any
+    method: str                      # fill | edit
+    kwargs: dict[str, Any]           # engine keyword arguments (without callbacks)
+    settings: dict[str, Any]         # SamplerSettings overrides from the request
+    document: str | None
+    stream: bool
+    deadline: float | None
+    received: float = field(default_factory=time.monotonic)
+    flag: CancelFlag = field(default_factory=CancelFlag)
+
+
+class Scheduler:
+    """Queued jobs per connection, served round robin, so a client with 50 queued
+    requests delays a client with one by at most one request."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._queues: collections.OrderedDict[int, collections.deque[Job]] = collections.OrderedDict()
+        self._control: collections.deque[Callable[[], None]] = collections.deque()
+        self._closed = False
+        self.running: Job | None = None
+
+    def put(self, job: Job) -> list[Job]:
+        """Queue `job`; returns the older jobs of the same document it displaced (the
+        running one, if any, is flagged `superseded` instead)."""
+        with self._cv:
+            displaced: list[Job] = []
+            if job.document is not None:
+                displaced = self._remove_locked(lambda j: j.document == job.document)
+                if self.running is not None and self.running.document == job.document:
+                    self.running.flag.set("superseded")
+            self._queues.setdefault(job.conn.cid, collections.deque()).append(job)
+            self._cv.notify()
+            return displaced
+
+    def control(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the worker thread before the next job (model reloads)."""
+        with self._cv:
+            self._control.append(fn)
+            self._cv.notify()
+
+    def take(self) -> Job | Callable[[], None] | None:
+        """Next control function or job (None once closed). Marks the job running under
+        the same lock, so supersede never misses a job between queue and worker."""
+        with self._cv:
+            while True:
+                if self._closed:
+                    return None
+                if self._control:
+                    return self._control.popleft()
+                for cid in list(self._queues):
+                    queue = self._queues[cid]
+                    if queue:
+                        job = queue.popleft()
+                        self._queues.move_to_end(cid)  # round robin
+                        if not queue:
+                            del self._queues[cid]
+                        self.running = job
+                        return job
+                    del self._queues[cid]
+                self._cv.wait()
+
+    def done(self, job: Job) -> None:
+        with self._cv:
+            if self.running is job:
+                self.running = None
+
+    def remove(self, pred: Callable[[Job], bool]) -> list[Job]:
+        with self._cv:
+            return self._remove_locked(pred)
+
+    def _remove_locked(self, pred: Callable[[Job], bool]) -> list[Job]:
+        removed = []
+        for cid in list(self._queues):
+            queue = self._queues[cid]
+            keep = collections.deque()
+            for job in queue:
+                (removed if pred(job) else keep).append(job)
+            if keep:
+                self._queues[cid] = keep
+            else:
+                del self._queues[cid]
+        return removed
+
+    def depth(self) -> int:
+        with self._cv:
+            return sum(len(q) for q in self._queues.values())
+
+    def close(self) -> list[Job]:
+        with self._cv:
+            self._closed = True
+            left = self._remove_locked(lambda j: True)
+            self._cv.notify_all()
+            return left
+
+
+# ---- connections ------------------------------------------------------------------------
+
+class _DraftSlot:
+    __slots__ = ("rid",)
+
+    def __init__(self, rid: Any) -> None:
+        self.rid = rid
+
+
+class Connection:
+    """One client. Everything here runs on the loop thread."""
+
+    def __init__(self, cid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 max_drafts: int) -> None:
+        self.cid = cid
+        self.reader = reader
+        self.writer = writer
+        self.max_drafts = max_drafts
+        self.outbox: collections.deque[bytes | _DraftSlot] = collections.deque()
+        self.drafts: dict[Any, bytes] = {}
+        self.jobs: dict[Any, Job] = {}
+        self.greeted = False
+        self.closed = False
+        self.dropped_drafts = 0
+        self._wake = asyncio.Event()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        if len(self.outbox) >= MAX_OUTBOX:
+            log.warning("client %d reads nothing (%d replies waiting); dropping it", self.cid, len(self.outbox))
+            self.abort()
+            return
+        self.outbox.append(proto.encode(msg))
+        self._wake.set()
+
+    def send_draft(self, rid: Any, msg: dict[str, Any]) -> None:
+        """Drafts are disposable: a newer draft of the same request replaces a waiting
+        one, and a client that lets too many pile up simply misses some."""
+        if self.closed:
+            return
+        data = proto.encode(msg)
+        if rid in self.drafts:
+            self.drafts[rid] = data
+            return
+        if len(self.drafts) >= self.max_drafts:
+            self.dropped_drafts += 1
+            return
+        self.drafts[rid] = data
+        self.outbox.append(_DraftSlot(rid))
+        self._wake.set()
+
+    async def write_loop(self) -> None:
+        try:
+            while not self.closed:
+                await self._wake.wait()
+                self._wake.clear()
+                while self.outbox and not self.closed:
+                    item = self.outbox.popleft()
+                    data = self.drafts.pop(item.rid, None) if isinstance(item, _DraftSlot) else item
+                    if data is None:
+                        continue
+                    self.writer.write(data)
+                    await self.writer.drain()
+        except (ConnectionError, OSError):
+            self.abort()
+
+    async def flush(self, timeout: float = 1.0) -> None:
+        """Best effort: let queued replies out before closing (e.g. a too_large error)."""
+        deadline = time.monotonic() + timeout
+        while self.outbox and not self.closed and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        try:
+            await asyncio.wait_for(self.writer.drain(), max(0.0, deadline - time.monotonic()))
+        except Exception:
+            pass
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._wake.set()
+            transport = self.writer.transport
+            if transport is not None:
+                transport.abort()
+
+
+# ---- the server -------------------------------------------------------------------------
+
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+
+
+def _canon_model(spec: str | None) -> str:
+    if spec is None:
+        spec = str(BUNDLED_DIR)
+    expanded = os.path.expanduser(spec)
+    return os.path.realpath(expanded) if os.path.exists(expanded) else spec
+
+
+class Server:
+    def __init__(self, config: Config, *, model: str | None = None, device: str | None = None,
+                 socket: Path | None = None, config_file: Path | None = None,
+                 engine_factory: Callable[[Config, str | None, str | None], Any] | None = None,
+                 progress: bool = False) -> None:
+        self.config = config
+        self.cli_model = model
+        self.cli_device = device
+        self.socket = socket or socket_path()
+        self.config_file = config_file or config_path()
+        self.engine_factory = engine_factory or _default_engine_factory
+        self.progress = progress
+        self.scheduler = Scheduler()
+        self.watcher = ConfigWatcher(self.config_file, config, self._config_changed)
+        self.engine: Any = None
+        self.model_name: str | None = None
+        self.model_spec: str | None = self._model_spec(config)
+        self.device_name: str | None = None
+        self.state = "loading"
+        self.load_error: DgemmaError | None = None
+        self.started = time.time()
+        self.served = 0
+        self.served_by_method: collections.Counter[str] = collections.Counter()
+        self.connections: dict[int, Connection] = {}
+        self._next_cid = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._stopped: asyncio.Event | None = None
+        self._worker: threading.Thread | None = None
+        self._lock_fd: int | None = None
+
+    # -- model ---------------------------------------------------------------------------
+
+    def _model_spec(self, config: Config) -> str | None:
+        """--model beats DGEMMA_MODEL beats the config file; None means the bundled model
+        (load_model applies the environment variable itself)."""
+        if self.cli_model:
+            return self.cli_model
+        if os.environ.get("DGEMMA_MODEL"):
+            return os.environ["DGEMMA_MODEL"]
+        return config.model
+
+    def _load(self, config: Config) -> None:
+        """Worker thread: (re)load the engine. A failure leaves the daemon up, answering
+        fill/edit with the load error, so `dgemma status` can say what went wrong."""
+        spec = self._model_spec(config)
+        self.state = "loading"
+        self.engine = None
+        t0 = time.monotonic()
+        log.info("loading model %s", spec or "(bundled)")
+        stop_spinner = _spinner("loading model") if self.progress else None
+        try:
+            engine = self.engine_factory(config, spec, self.cli_device or config.device)
+        except DgemmaError as exc:
+            self.load_error, self.state = exc, "error"
+            log.error("cannot load the model: %s", exc.message)
+            return
+        except Exception as exc:
+            self.load_error = DgemmaError("model_missing", f"cannot load the model: {type(exc).__name__}: {exc}")
+            self.state = "error"
+            log.error("cannot load the model:\n%s", traceback.format_exc())
+            return
+        finally:
+            if stop_spinner:
+                stop_spinner()
+        self.engine = engine
+        self.model_spec = spec
+        loaded = getattr(engine, "loaded", None) or getattr(engine, "model", None)
+        self.model_name = str(getattr(loaded, "name", None) or spec or "bundled")
+        self.device_name = str(getattr(loaded, "device", "") or "") or None
+        self.load_error = None
+        self.state = "ready"
+        log.info("model %s ready on %s in %.1f s", self.model_name, self.device_name, time.monotonic() - t0)
+
+    def _worker_main(self) -> None:
+        self._load(self.config)
+        while True:
+            item = self.scheduler.take()
+            if item is None:
+                return
+            if not isinstance(item, Job):
+                item()
+                continue
+            try:
+                self._run_job(item)
+            finally:
+                self.scheduler.done(item)
+
+    def _run_job(self, job: Job) -> None:
+        reply: dict[str, Any] | None
+        try:
+            if job.flag.is_set():
+                raise DgemmaError("cancelled", "cancelled")
+            if job.deadline is not None and time.monotonic() > job.deadline:
+                raise DgemmaError("deadline", "the deadline passed while the request was queued")
+            if self.engine is None:
+                raise self.load_error or DgemmaError("model_missing", "no model loaded")
+            reply = proto.result(job.id, self._execute(job))
+        except DgemmaError as exc:
+            reply = self._error_reply(job, exc)
+        except Exception as exc:
+            reply = self._exception_reply(job, exc)
+        if reply is not None:
+            self._call_soon(self._finish, job, reply)
+        else:
+            self._call_soon(self._forget, job)
+
+    def _execute(self, job: Job) -> dict[str, Any]:
+        engine = self.engine
+        loop = self._loop
+        assert loop is not None
+        on_step = None
+        if job.stream:
+            conn, rid = job.conn, job.id
+
+            def on_step(d: Any) -> None:
+                loop.call_soon_threadsafe(conn.send_draft, rid,
+                                          proto.draft(rid, d.text, int(d.step), int(getattr(d, "canvas", 0))))
+        kwargs = dict(job.kwargs)
+        settings = {**self.config.sampler, **job.settings}
+        if settings:
+            kwargs["settings"] = settings  # the engine overlays it on its defaults and validates
+        t0 = time.monotonic()
+        method = engine.fill if job.method == "fill" else engine.edit
+        res = method(**kwargs, on_step=on_step, cancel=job.flag, deadline=job.deadline)
+        payload = result_payload(res, self.model_name)
+        payload["queue_ms"] = (t0 - job.received) * 1000
+        return payload
+
+    def _error_reply(self, job: Job, exc: DgemmaError) -> dict[str, Any] | None:
+        if exc.code in ("cancelled", "deadline") and job.flag.is_set():
+            reason = job.flag.reason
+            if reason == "disconnected":
+                return None  # nobody to tell
+            if reason == "superseded":
+                return proto.error(job.id, "superseded", "superseded by a newer request for the same document")
+            if reason == "shutdown":
+                return proto.error(job.id, "cancelled", "the daemon is shutting down")
+            return proto.error(job.id, "cancelled", "cancelled by the client")
+        return proto.error(job.id, exc.code, exc.message)
+
+    def _exception_reply(self, job: Job, exc: Exception) -> dict[str, Any]:
+        if _is_oom(exc):
+            log.error("out of memory on request %r of client %d", job.id, job.conn.cid)
+            _empty_cuda_cache()
+            return proto.error(job.id, "out_of_memory",
+                               "the GPU ran out of memory on this request; try a shorter context or fewer candidates")
+        log.error("internal error on request %r:\n%s", job.id, traceback.format_exc())
+        return proto.error(job.id, "internal", f"internal error: {type(exc).__name__}: {exc}")
+
+    # -- loop side -------------------------------------------------------------------------
+
+    def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:
+                pass  # loop closed while shutting down
+
+    def _finish(self, job: Job, reply: dict[str, Any]) -> None:
+        if job.conn.jobs.get(job.id) is job:
+            del job.conn.jobs[job.id]
+        self.served += 1
+        self.served_by_method[job.method] += 1
+        job.conn.send(reply)
+
+    def _forget(self, job: Job) -> None:
+        if job.conn.jobs.get(job.id) is job:
+            del job.conn.jobs[job.id]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._next_cid += 1
+        limits = self.config.limits
+        conn = Connection(self._next_cid, reader, writer, limits.max_queued_drafts)
+        self.connections[conn.cid] = conn
+        writer_task = asyncio.get_running_loop().create_task(conn.write_loop())
+        conn.send(proto.hello(SERVER_NAME, os.getpid(), limits.max_frame_bytes))
+        try:
+            while not conn.closed:
+                try:
+                    msg = await proto.read_frame(reader, self.config.limits.max_frame_bytes)
+                except proto.ConnectionClosed:
+                    break
+                except proto.FrameTooLarge as exc:
+                    # The body was not read, so the stream is out of step: say why, then close.
+                    log.warning("client %d: %s", conn.cid, exc.message)
+                    conn.send(proto.error(None, exc.code, exc.message))
+                    await conn.flush()
+                    break
+                except DgemmaError as exc:
+                    log.warning("client %d: %s", conn.cid, exc.message)
+                    conn.send(proto.error(None, exc.code, exc.message))
+                    continue
+                self._dispatch(conn, msg)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._disconnect(conn)
+            writer_task.cancel()
+            try:
+                await writer_task
+            except (asyncio.CancelledError, Exception):
+                pass
+            try:
+                writer.close()
+            except Exception:
+                pass
+
+    def _disconnect(self, conn: Connection) -> None:
+        conn.closed = True
+        self.connections.pop(conn.cid, None)
+        self.scheduler.remove(lambda j: j.conn is conn)
+        for job in list(conn.jobs.values()):
+            job.flag.set("disconnected")
+        conn.jobs.clear()
+        if conn.dropped_drafts:
+            log.info("client %d: %d drafts dropped (slow reader)", conn.cid, conn.dropped_drafts)
+
+    def _dispatch(self, conn: Connection, msg: dict[str, Any]) -> None:
+        rid = msg.get("id") if isinstance(msg.get("id"), (int, str)) else None
+        try:
+            rid, method, params = proto.check_request(msg)
+            if method == "hello":
+                conn.send(proto.result(rid, self._hello(conn, params)))
+                return
+            if not conn.greeted:
+                raise DgemmaError("invalid_request", "handshake first: send a `hello` request with your protocol version")
+            handler = getattr(self, f"_m_{method}")
+            value = handler(conn, rid, params)
+            if value is not None:
+                self.served += 1
+                self.served_by_method[method] += 1
+                conn.send(proto.result(rid, value))
+        except DgemmaError as exc:
+            conn.send(proto.error(rid, exc.code, exc.message))
+        except Exception as exc:  # a bug in a handler must not take the daemon down
+            log.error("internal error handling %r:\n%s", msg.get("method"), traceback.format_exc())
+            conn.send(proto.error(rid, "internal", f"internal error: {type(exc).__name__}: {exc}"))
+
+    def _hello(self, conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
+        version = proto.param(params, "protocol", int)
+        if version not in proto.SUPPORTED_VERSIONS:
+            raise DgemmaError("invalid_request", f"protocol version {version} is not supported; this daemon speaks "
+                                                 f"{', '.join(map(str, proto.SUPPORTED_VERSIONS))} (upgrade the older side)")
+        conn.greeted = True
+        return {"protocol": version, "server": SERVER_NAME, "pid": os.getpid(), "model": self.model_name,
+                "state": self.state, "max_frame": self.config.limits.max_frame_bytes}
+
+    def _m_ping(self, conn: Connection, rid: Any, params: dict[str, Any]) -> dict[str, Any]:
+        return {"pong": True, "time": time.time()}
+
+    def _m_status(self, conn: Connection, rid: Any, params: dict[str, Any]) -> dict[str, Any]:
+        running = self.scheduler.running
+        return {
+            "pid": os.getpid(), "server": SERVER_NAME, "protocol": proto.PROTOCOL_VERSION,
+            "socket": str(self.socket), "state": self.state,
+            "model": self.model_name, "model_spec": self.model_spec, "device": self.device_name,
+            "load_error": self.load_error.message if self.load_error else None,
+            "vram": _vram(), "queue_depth": self.scheduler.depth(),
+            "running": None if running is None else {"method": running.method, "client": running.conn.cid},
+            "clients": len(self.connections), "requests_served": self.served,
+            "served_by_method": dict(self.served_by_method),
+            "uptime_s": time.time() - self.started,
+            "config_path": str(self.config_file), "config_error": self.watcher.error,
+        }
+
+    def _m_fill(self, conn: Connection, rid: Any, params: dict[str, Any]) -> None:
+        self._submit(conn, rid, "fill", params)
+
+    def _m_edit(self, conn: Connection, rid: Any, params: dict[str, Any]) -> None:
+        self._submit(conn, rid, "edit", params)
+
+    def _submit(self, conn: Connection, rid: Any, method: str, params: dict[str, Any]) -> None:
+        limits = self.config.limits
+        if rid in conn.jobs:
+            raise DgemmaError("invalid_request", f"request id {rid!r} is already in use on this connection")
+        if len(conn.jobs) >= limits.max_pending_per_client:
+            raise DgemmaError("too_large", f"too many requests in flight on this connection "
+                                           f"(limit {limits.max_pending_per_client})")
+        kwargs = engine_kwargs(method, params, limits)
+        wanted = proto.param(params, "model", str, None)
+        if wanted is not None and _canon_model(wanted) != _canon_model(self.model_spec):
+            raise DgemmaError("invalid_params", f"this daemon serves {self.model_spec or 'the bundled model'}, not {wanted}; "
+                                                "run `dgemma stop` first, or use --no-daemon")
+        settings = proto.param(params, "settings", dict, {})
+        deadline_ms = proto.param(params, "deadline_ms", (int, float), None, min=0)
+        job = Job(conn, rid, method, kwargs, settings,
+                  document=proto.param(params, "document", str, None),
+                  stream=proto.param(params, "stream", bool, True),
+                  deadline=None if deadline_ms is None else time.monotonic() + deadline_ms / 1000)
+        conn.jobs[rid] = job
+        for old in self.scheduler.put(job):
+            self._finish(old, proto.error(old.id, "superseded", "superseded by a newer request for the same document"))
+
+    def _m_cancel(self, conn: Connection, rid: Any, params: dict[str, Any]) -> dict[str, Any]:
+        target = params.get("id")
+        if not isinstance(target, (int, str)) or isinstance(target, bool):
+            raise DgemmaError("invalid_params", "cancel needs `id`, the id of the request to cancel")
+        job = conn.jobs.get(target)
+        if job is None:
+            return {"cancelled": False}
+        if self.scheduler.remove(lambda j: j is job):
+            job.flag.set("cancelled")
+            self._finish(job, proto.error(job.id, "cancelled", "cancelled by the client"))
+        else:
+            job.flag.set("cancelled")  # running: the worker replies after the current step
+        return {"cancelled": True}
+
+    def _m_reload(self, conn: Connection, rid: Any, params: dict[str, Any]) -> None:
+        try:
+            new, _ = self.watcher.reload()
+        except DgemmaError as exc:
+            conn.send(proto.error(rid, exc.code, f"config not reloaded, the previous one stays: {exc.message}"))
+            return
+        force = proto.param(params, "reload_model", bool, False)
+        model_changed = self._apply_config(self.config, new, force_model=force)
+        if not model_changed:
+            conn.send(proto.result(rid, {"reloaded": True, "model_reloaded": False, "model": self.model_name}))
+            return
+
+        def after() -> None:
+            self._call_soon(conn.send, proto.result(rid, {
+                "reloaded": True, "model_reloaded": self.state == "ready", "model": self.model_name,
+                "error": self.load_error.message if self.load_error else None}))
+        self.scheduler.control(after)
+
+    def _m_shutdown(self, conn: Connection, rid: Any, params: dict[str, Any]) -> dict[str, Any]:
+        assert self._loop is not None
+        self._loop.call_soon(lambda: self._loop.create_task(self.stop()))  # type: ignore[union-attr]
+        return {"ok": True, "pid": os.getpid()}
+
+    # -- config ---------------------------------------------------------------------------
+
+    def _config_changed(self, old: Config, new: Config) -> None:
+        self._apply_config(old, new)
+
+    def _apply_config(self, old: Config, new: Config, force_model: bool = False) -> bool:
+        self.config = new
+        if force_model or old.model_identity() != new.model_identity():
+            self.model_spec = self._model_spec(new)
+            self.scheduler.control(lambda: self._load(new))
+            return True
+        return False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _acquire_lock(self) -> None:
+        folder = ensure_private_dir(self.socket.parent)
+        lock = folder / "daemon.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = _read_pid(folder)
+            raise DgemmaError("invalid_request", f"a daemon is already running (pid {pid or '?'}, socket {self.socket})") from None
+        self._lock_fd = fd
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self._acquire_lock()
+        # We hold the lock, so a socket file left here belongs to a dead daemon.
+        try:
+            self.socket.unlink()
+        except FileNotFoundError:
+            pass
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+        try:
+            self._server = await asyncio.start_unix_server(self._handle, path=str(self.socket),
+                                                           limit=64 * 1024)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket, 0o600)
+        (self.socket.parent / "daemon.pid").write_text(json.dumps({"pid": os.getpid(), "socket": str(self.socket)}))
+        self._worker = threading.Thread(target=self._worker_main, name="dgemma-model", daemon=True)
+        self._worker.start()
+        self.watcher.start()
+        log.info("listening on %s (pid %d)", self.socket, os.getpid())
+
+    async def stop(self) -> None:
+        if self._stopped is None or self._stopped.is_set():
+            return
+        log.info("shutting down")
+        if self._server is not None:
+            self._server.close()
+        running = self.scheduler.running
+        if running is not None:
+            running.flag.set("shutdown")
+        for job in self.scheduler.close():
+            self._finish(job, proto.error(job.id, "cancelled", "the daemon is shutting down"))
+        await self.watcher.stop()
+        if self._worker is not None:
+            # The worker notices the flag after at most one denoising step.
+            await asyncio.get_running_loop().run_in_executor(None, self._worker.join, 30)
+        await asyncio.sleep(0)  # let the worker's last call_soon_threadsafe replies run
+        for conn in list(self.connections.values()):
+            await conn.flush(0.5)
+            conn.abort()
+        for path in (self.socket, self.socket.parent / "daemon.pid"):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._stopped.set()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, lambda: loop.create_task(self.stop()))
+            except (NotImplementedError, RuntimeError):
+                pass
+        assert self._stopped is not None
+        await self._stopped.wait()
+
+
+# ---- helpers ----------------------------------------------------------------------------
+
+def engine_kwargs(method: str, params: dict[str, Any], limits: Any) -> dict[str, Any]:
+    """Validated keyword arguments for Engine.fill / Engine.edit from request params
+    (shared with the in-process path of the command line)."""
+    p = proto.param
+    kwargs: dict[str, Any] = {
+        "prefix": p(params, "prefix", str),
+        "suffix": p(params, "suffix", str, ""),
+        "n": p(params, "n", int, 1, min=1, max=limits.max_n),
+        "seed": p(params, "seed", int, None),
+    }
+    max_tokens = p(params, "max_tokens", int, None, min=1, max=limits.max_tokens)
+    if method == "fill":
+        kwargs["max_tokens"] = max_tokens if max_tokens is not None else min(256, limits.max_tokens)
+    else:
+        kwargs["selection"] = p(params, "selection", str)
+        kwargs["instruction"] = p(params, "instruction", str)
+        kwargs["strength"] = p(params, "strength", float, 0.5, min=0.0, max=1.0)
+        if max_tokens is not None:
+            kwargs["max_tokens"] = max_tokens
+    return kwargs
+
+
+def result_payload(res: Any, model_name: str | None) -> dict[str, Any]:
+    """An engine Result as the wire's `result` map."""
+    return {
+        "completions": [{"text": c.text, "score": float(c.score)} for c in res.completions],
+        "model": model_name or getattr(res, "model", None),
+        "steps": int(res.steps),
+        "ms": float(res.ms),
+        "cached_tokens": int(getattr(res, "cached_tokens", 0) or 0),
+        "prompt_tokens": int(getattr(res, "prompt_tokens", 0) or 0),
+        "canvases": int(getattr(res, "canvases", 0) or 0),
+    }
+
+
+def _default_engine_factory(config: Config, model: str | None, device: str | None) -> Any:
+    from .engine import Engine
+    from .loading import load_model
+
+    return Engine(load_model(model, device=device, dtype=config.dtype, quantize=config.quantization))
+
+
+def _is_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+    except Exception:
+        return False
+    oom = getattr(torch.cuda, "OutOfMemoryError", None) or getattr(torch, "OutOfMemoryError", None)
+    return oom is not None and isinstance(exc, oom)
+
+
+def _empty_cuda_cache() -> None:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+def _vram() -> dict[str, int] | None:
+    try:
+        import sys
+        torch = sys.modules.get("torch")  # never import torch just for status
+        if torch is None or not torch.cuda.is_available():
+            return None
+        free, total = torch.cuda.mem_get_info()
+        return {"allocated": int(torch.cuda.memory_allocated()), "peak": int(torch.cuda.max_memory_allocated()),
+                "reserved": int(torch.cuda.memory_reserved()), "free": int(free), "total": int(total)}
+    except Exception:
+        return None
+
+
+def _read_pid(folder: Path) -> int | None:
+    try:
+        return int(json.loads((folder / "daemon.pid").read_text())["pid"])
+    except Exception:
+        return None
+
+
+def _spinner(label: str) -> Callable[[], None]:
+    """An elapsed-time bar while the model loads (load_model reports no fractions)."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=label, total=None, bar_format="{desc}: {elapsed}", leave=False)
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(0.25):
+            bar.refresh()
+    t = threading.Thread(target=tick, daemon=True)
+    t.start()
+
+    def stop() -> None:
+        done.set()
+        t.join()
+        bar.close()
+    return stop
+
+
+def run(config: Config, *, model: str | None = None, device: str | None = None,
+        socket: Path | None = None, progress: bool = False) -> None:
+    """Serve until `shutdown`, SIGTERM or SIGINT."""
+    server = Server(config, model=model, device=device, socket=socket, progress=progress)
+    asyncio.run(server.serve_forever())
+
+
+__all__ = ["Server", "Scheduler", "Job", "CancelFlag", "run", "runtime_dir"]

@@ -1,0 +1,226 @@
+"""Triton W4A16 kernels: dense matmul and fused MoE over NVFP4 / NF4 weights.
+
+One kernel body serves both: it streams 4-bit codes, decodes them through a 16-entry
+table, multiplies by the block scale (E4M3 decoded from its bits, so no fp8 hardware
+is needed, or fp32 for NF4) and accumulates in fp32; the per-row global scale and the
+router weight are applied once in the epilogue instead of per element.
+
+Packed bytes hold elements (2j, 2j+1) in (low, high) nibbles, so the activations are
+read as even and odd columns and the two halves are two dots: no interleave needed.
+
+Block sizes follow the canvas: a 256-token canvas gives 16..512 rows for the dense
+layers and ~16 rows per expert in the MoE (top-8 of 128), so small BLOCK_M.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dgemma.kernels.moe_align import moe_align
+from dgemma.quant.formats import QuantizedWeight, code_table
+
+_LUTS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _lut(fmt: str, device: torch.device) -> torch.Tensor:
+    key = (fmt, device)
+    if key not in _LUTS:
+        _LUTS[key] = code_table(fmt).to(device)
+    return _LUTS[key]
+
+
+@triton.jit
+def _gelu_tanh(x):
+    # tanh(u) = 2*sigmoid(2u) - 1; tl has no portable tanh across versions.
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    # Clamp: sigmoid saturates long before exp overflows, and overflow warns in the interpreter.
+    u = tl.minimum(tl.maximum(u, -20.0), 20.0)
+    return 0.5 * x * (2.0 * tl.sigmoid(2.0 * u))
+
+
+@triton.jit
+def _decode_tile(p_base, s_base, lut_ptr, rows_n, kh, mask, stride_pn, stride_sn,
+                 GROUP: tl.constexpr, SCALE_E4M3: tl.constexpr):
+    """Decode a [BLOCK_K/2, BLOCK_N] tile into (even, odd) fp32 weights without the global scale."""
+    p = tl.load(p_base + rows_n[None, :] * stride_pn + kh[:, None], mask=mask, other=0).to(tl.int32)
+    w_lo = tl.load(lut_ptr + (p & 15))
+    w_hi = tl.load(lut_ptr + ((p >> 4) & 15))
+    # Both nibbles of a byte sit in the same block because GROUP is even.
+    s = tl.load(s_base + rows_n[None, :] * stride_sn + ((2 * kh) // GROUP)[:, None], mask=mask, other=0)
+    if SCALE_E4M3:
+        s = s.to(tl.int32)
+        ex = (s >> 3) & 15
+        man = (s & 7).to(tl.float32)
+        sf = tl.where(ex == 0, man * 0.001953125, (8.0 + man) * tl.exp2(ex.to(tl.float32) - 10.0))
+    else:
+        sf = s.to(tl.float32)
+    return w_lo * sf, w_hi * sf
+
+
+@triton.jit
+def _w4a16_kernel(
+    a_ptr, p_ptr, s_ptr, g_ptr, lut_ptr, c_ptr, rows_ptr, expert_ptr, tw_ptr,
+    M, N, K, num_rows, seg_rows,
+    stride_am, stride_ak,
+    stride_pe, stride_pn,
+    stride_se, stride_sn,
+    stride_ge,
+    stride_cm, stride_cn,
+    GROUP: tl.constexpr, SCALE_E4M3: tl.constexpr,
+    MOE: tl.constexpr, A_ROW_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, FUSE_GATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if MOE:
+        rows = tl.load(rows_ptr + offs_m)
+        row_mask = rows < num_rows
+        a_rows = rows // A_ROW_DIV
+        e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    else:
+        rows = offs_m
+        row_mask = offs_m < M
+        a_rows = offs_m
+        e = 0
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_h = tl.arange(0, BLOCK_K // 2)
+    p_base = p_ptr + e * stride_pe
+    s_base = s_ptr + e * stride_se
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FUSE_GATE:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kh = k0 // 2 + offs_h
+        k_mask = kh < K // 2
+        a_off = a_rows[:, None] * stride_am + (2 * kh)[None, :] * stride_ak
+        a_mask = row_mask[:, None] & k_mask[None, :]
+        a_even = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
+        a_odd = tl.load(a_ptr + a_off + stride_ak, mask=a_mask, other=0.0)
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        w_lo, w_hi = _decode_tile(p_base, s_base, lut_ptr, offs_n, kh, w_mask, stride_pn, stride_sn,
+                                  GROUP, SCALE_E4M3)
+        acc += tl.dot(a_even, w_lo.to(a_even.dtype)) + tl.dot(a_odd, w_hi.to(a_odd.dtype))
+        if FUSE_GATE:
+            # The up projection is the second half of gate_up: rows N..2N.
+            u_lo, u_hi = _decode_tile(p_base, s_base, lut_ptr, offs_n + N, kh, w_mask, stride_pn, stride_sn,
+                                      GROUP, SCALE_E4M3)
+            acc_up += tl.dot(a_even, u_lo.to(a_even.dtype)) + tl.dot(a_odd, u_hi.to(a_odd.dtype))
+
+    g = tl.load(g_ptr + e * stride_ge + offs_n // seg_rows, mask=n_mask, other=0.0)
+    acc = acc * g[None, :]
+    if FUSE_GATE:
+        g_up = tl.load(g_ptr + e * stride_ge + (offs_n + N) // seg_rows, mask=n_mask, other=0.0)
+        # Round each projection to the activation dtype first, as the unfused module does.
+        gate = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
+        up = (acc_up * g_up[None, :]).to(c_ptr.dtype.element_ty).to(tl.float32)
+        acc = _gelu_tanh(gate) * up
+    if MUL_WEIGHT:
+        tw = tl.load(tw_ptr + rows, mask=row_mask, other=0.0)
+        acc = acc.to(c_ptr.dtype.element_ty).to(tl.float32) * tw[:, None]
+    c_off = rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+def _blocks_for(m: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) by row count. Chosen for 16..512 rows; not yet timed on a GPU."""
+    if m <= 16:
+        return 16, 64, 128
+    if m <= 64:
+        return 32, 64, 128
+    return 64, 64, 64
+
+
+def _check(w: QuantizedWeight, k: int) -> None:
+    if w.shape[-1] != k:
+        raise ValueError(f"activation has K={k}, weight expects K={w.shape[-1]}")
+    if w.packed.stride(-1) != 1 or w.scales.stride(-1) != 1:
+        raise ValueError("packed weights and scales must be contiguous in the last dimension")
+
+
+def _scale_arg(w: QuantizedWeight) -> tuple[torch.Tensor, bool]:
+    if w.fmt == "nvfp4":
+        return w.scales.view(torch.uint8), True
+    return w.scales.float(), False
+
+
+def w4a16_matmul_triton(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """x [..., K] @ W[N, K]^T with W 2-D 4-bit; output in x's dtype."""
+    k = x.shape[-1]
+    _check(w, k)
+    a = x.reshape(-1, k)
+    m = a.shape[0]
+    n = w.shape[-2]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    bm, bn, bk = _blocks_for(m)
+    scales, e4m3 = _scale_arg(w)
+    seg_rows = n // w.global_scale.shape[-1]
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _w4a16_kernel[grid](
+        a, w.packed, scales, w.global_scale, _lut(w.fmt, x.device), out, a, a, a,
+        m, n, k, m, seg_rows,
+        a.stride(0), a.stride(1),
+        0, w.packed.stride(-2),
+        0, scales.stride(-2),
+        0,
+        out.stride(0), out.stride(1),
+        GROUP=w.block, SCALE_E4M3=e4m3,
+        MOE=False, A_ROW_DIV=1, MUL_WEIGHT=False, FUSE_GATE=False,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    )
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _moe_gemm(a, w: QuantizedWeight, out, sorted_rows, block_expert, num_rows, a_row_div, tw, fuse_gate, bm):
+    n = out.shape[1]
+    k = a.shape[1]
+    _check(w, k)
+    _, bn, bk = _blocks_for(bm)
+    scales, e4m3 = _scale_arg(w)
+    seg_rows = w.shape[-2] // w.global_scale.shape[-1]
+    grid = (block_expert.numel(), triton.cdiv(n, bn))
+    _w4a16_kernel[grid](
+        a, w.packed, scales, w.global_scale, _lut(w.fmt, a.device), out, sorted_rows, block_expert,
+        tw if tw is not None else a,
+        num_rows, n, k, num_rows, seg_rows,
+        a.stride(0), a.stride(1),
+        w.packed.stride(0), w.packed.stride(1),
+        scales.stride(0), scales.stride(1),
+        w.global_scale.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=w.block, SCALE_E4M3=e4m3,
+        MOE=True, A_ROW_DIV=a_row_div, MUL_WEIGHT=tw is not None, FUSE_GATE=fuse_gate,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    )
+
+
+def moe_w4a16_triton(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: QuantizedWeight,
+    down: QuantizedWeight,
+    activation: str = "gelu_pytorch_tanh",
+) -> torch.Tensor:
+    """Fused MoE: grouped gate_up (+ activation) then grouped down (x router weight), summed over top-k."""
+    if activation != "gelu_pytorch_tanh":
+        raise NotImplementedError(f"fused MoE kernel supports gelu_pytorch_tanh, not {activation}")
+    t, h = hidden_states.shape
+    top_k = top_k_index.shape[1]
+    num_experts, two_i, _ = gate_up.shape
+    inter = two_i // 2
+    # ~T*K/E rows per expert: a 256-token canvas with top-8 of 128 gives ~16.
+    bm = 16 if t * top_k <= 64 * num_experts else (32 if t * top_k <= 256 * num_experts else 64)
+    sorted_rows, block_expert, num_rows = moe_align(top_k_index, num_experts, bm)
+    x = hidden_states.contiguous()
+    mid = torch.zeros(num_rows, inter, dtype=x.dtype, device=x.device)
+    _moe_gemm(x, gate_up, mid, sorted_rows, block_expert, num_rows, top_k, None, True, bm)
+    out = torch.zeros(num_rows, h, dtype=x.dtype, device=x.device)
+    tw = top_k_weights.reshape(-1).float().contiguous()
+    _moe_gemm(mid, down, out, sorted_rows, block_expert, num_rows, 1, tw, False, bm)
+    # Sum the K slots in fp32: one rounding instead of K sequential bf16 adds.
+    return out.view(t, top_k, h).float().sum(dim=1).to(x.dtype)

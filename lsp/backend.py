@@ -1,0 +1,168 @@
+"""The language server's side of the daemon: connect (starting it on demand), wait for
+the model, run fills and edits, and remember a load failure so keystrokes stop
+hammering a daemon that cannot serve.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Protocol
+
+log = logging.getLogger("dgemma.lsp.backend")
+
+# state, human message, extra details (model name, error code)
+StateCallback = Callable[[str, str, dict[str, Any]], Awaitable[None]]
+
+
+class BackendError(Exception):
+    """A daemon error (its code) or ``unavailable`` when no daemon could be reached."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class FillResult:
+    text: str
+    ms: float = 0.0  # the engine's own time for this request
+    steps: int = 0
+    model: str | None = None
+    queue_ms: float = 0.0
+
+
+class Backend(Protocol):
+    state: str
+
+    async def ensure_ready(self) -> None: ...
+
+    def should_try(self, automatic: bool) -> bool: ...
+
+    async def fill(self, prefix: str, suffix: str, *, document: str, max_tokens: int, n: int = 1,
+                   seed: int | None = None) -> FillResult: ...
+
+    async def edit(self, prefix: str, selection: str, suffix: str, instruction: str, *, document: str,
+                   strength: float = 0.5, seed: int | None = None) -> FillResult: ...
+
+
+# Load errors the daemon answers every fill with until its model is fixed.
+LOAD_ERRORS = ("model_missing",)
+
+
+class DaemonBackend:
+    """One asyncio connection to the daemon, shared by every request of this server."""
+
+    def __init__(self, on_state: StateCallback | None = None, retry_after_s: float = 30.0,
+                 poll_s: float = 0.2) -> None:
+        self.on_state = on_state
+        self.retry_after_s = retry_after_s
+        self.poll_s = poll_s
+        self.state = "stopped"  # stopped | starting | loading | ready | error
+        self.error: BackendError | None = None
+        self.model: str | None = None
+        self._failed_at = 0.0
+        self._client: Any = None
+        self._lock = asyncio.Lock()
+
+    async def _emit(self, state: str, message: str, **extra: Any) -> None:
+        self.state = state
+        if self.on_state is not None:
+            try:
+                await self.on_state(state, message, extra)
+            except Exception:  # pragma: no cover - reporting must never break a request
+                log.exception("state callback failed")
+
+    def should_try(self, automatic: bool) -> bool:
+        """False while a recent load failure stands and the user did not ask explicitly."""
+        if self.state != "error" or not automatic:
+            return True
+        return time.monotonic() - self._failed_at >= self.retry_after_s
+
+    async def _fail(self, err: BackendError) -> BackendError:
+        self.error = err
+        self._failed_at = time.monotonic()
+        await self._emit("error", err.message, code=err.code)
+        return err
+
+    async def ensure_ready(self) -> Any:
+        """The connected client once the daemon's model is loaded; raises BackendError."""
+        from ..daemon.client import AsyncClient, daemon_answers
+        from ..daemon.errors import DgemmaError
+
+        async with self._lock:
+            client = self._client
+            if client is not None and not client.closed and self.state == "ready":
+                return client
+            if client is None or client.closed:
+                self._client = None
+                if not await asyncio.to_thread(daemon_answers):
+                    await self._emit("starting", "Starting the dgemma daemon")
+                try:
+                    client = await AsyncClient.connect(autostart=True)
+                except DgemmaError as exc:
+                    raise await self._fail(BackendError(exc.code, exc.message)) from None
+                self._client = client
+            try:
+                info = await client.request("status")
+                announced = False
+                while info.get("state") == "loading":
+                    if not announced:
+                        await self._emit("loading", "Loading the model")
+                        announced = True
+                    await asyncio.sleep(self.poll_s)
+                    info = await client.request("status")
+            except DgemmaError as exc:
+                self._client = None
+                raise await self._fail(BackendError(exc.code, exc.message)) from None
+            if info.get("state") == "error":
+                msg = info.get("load_error") or "the daemon could not load its model"
+                raise await self._fail(BackendError("model_missing", f"dgemma: {msg}"))
+            self.model = info.get("model")
+            self.error = None
+            await self._emit("ready", f"Model {self.model or ''} ready".replace("  ", " "), model=self.model)
+            return client
+
+    async def _request(self, method: str, params: dict[str, Any]) -> FillResult:
+        from ..daemon.errors import DgemmaError
+
+        client = await self.ensure_ready()
+        try:
+            res = await client.request(method, params)
+        except DgemmaError as exc:
+            err = BackendError(exc.code, exc.message)
+            if exc.code == "unavailable":
+                # The daemon went away (stopped, crashed): reconnect next time.
+                self._client = None
+                self.state = "stopped"
+            elif exc.code in LOAD_ERRORS:
+                raise await self._fail(err) from None
+            raise err from None
+        comps = res.get("completions") or [{"text": ""}]
+        return FillResult(text=str(comps[0].get("text", "")), ms=float(res.get("ms", 0.0)),
+                          steps=int(res.get("steps", 0)), model=res.get("model"),
+                          queue_ms=float(res.get("queue_ms", 0.0)))
+
+    async def fill(self, prefix: str, suffix: str, *, document: str, max_tokens: int, n: int = 1,
+                   seed: int | None = None) -> FillResult:
+        params: dict[str, Any] = {"prefix": prefix, "suffix": suffix, "document": document,
+                                  "max_tokens": max_tokens, "n": n, "stream": False}
+        if seed is not None:
+            params["seed"] = seed
+        return await self._request("fill", params)
+
+    async def edit(self, prefix: str, selection: str, suffix: str, instruction: str, *, document: str,
+                   strength: float = 0.5, seed: int | None = None) -> FillResult:
+        params: dict[str, Any] = {"prefix": prefix, "selection": selection, "suffix": suffix,
+                                  "instruction": instruction, "document": document, "strength": strength,
+                                  "stream": False}
+        if seed is not None:
+            params["seed"] = seed
+        return await self._request("edit", params)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None

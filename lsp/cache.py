@@ -1,0 +1,61 @@
+"""Completions already computed, so typing does not always cost a model call.
+
+Keyed on hashes of the prefix and suffix windows (not the strings: a
+window is kilobytes, and hundreds of entries are kept). Typed-through: when
+the user types exactly the characters a cached completion starts with, the
+rest of that completion is served without asking the daemon again.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+
+def _h(s: str) -> bytes:
+    return hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class CompletionCache:
+    def __init__(self, capacity: int = 256, max_typed: int = 64) -> None:
+        self.capacity = capacity
+        # How far back to look for a completion the user is typing through; longer
+        # than any realistic burst between two completions.
+        self.max_typed = max_typed
+        self._items: OrderedDict[tuple[bytes, bytes], str] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, prefix: str, suffix: str, text: str) -> None:
+        key = (_h(prefix), _h(suffix))
+        self._items.pop(key, None)
+        self._items[key] = text
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, prefix: str, suffix: str) -> str | None:
+        """The cached completion at this spot, or the rest of one being typed through.
+
+        An exact entry wins, even an empty one (the model had nothing to say
+        here, asking again would give the same). For typed-through entries the
+        typed text must be a strict start of the cached completion.
+        """
+        hs = _h(suffix)
+        exact = self._items.get((_h(prefix), hs))
+        if exact is not None:
+            self._items.move_to_end((_h(prefix), hs))
+            self.hits += 1
+            return exact
+        for i in range(1, min(self.max_typed, len(prefix)) + 1):
+            typed = prefix[-i:]
+            hit = self._items.get((_h(prefix[:-i]), hs))
+            if hit is not None and len(hit) > i and hit.startswith(typed):
+                self.hits += 1
+                rest = hit[i:]
+                # Remember the new spot too so the next keystroke hits exactly.
+                self.put(prefix, suffix, rest)
+                return rest
+        self.misses += 1
+        return None

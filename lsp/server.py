@@ -1,0 +1,406 @@
+"""``dgemma lsp``: a pygls language server that turns editor events into daemon requests.
+
+One function per LSP feature, as in jedi-language-server. The concerns live in
+their own modules: ``context`` (what the model sees), ``cache``, ``triggers``
+(debounce and skip rules), ``postprocess`` (cleaning the middle), ``backend``
+(the daemon connection, its start-up and failures) and ``progress``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from lsprotocol import types
+from pygls.lsp.server import LanguageServer
+
+from .. import __version__
+from . import postprocess as pp
+from .backend import Backend, BackendError, DaemonBackend
+from .cache import CompletionCache
+from .context import RingBuffer, build_prompt, language_of, offset_at, position_at
+from .progress import StateReporter
+from .settings import Settings
+from .triggers import Debouncer, should_trigger
+
+log = logging.getLogger("dgemma.lsp")
+
+CMD_REWRITE = "dgemma.rewrite"
+CMD_FILL = "dgemma.fill"
+CMD_STATUS = "dgemma.status"
+
+
+class DgemmaLanguageServer(LanguageServer):
+    def __init__(self, backend: Backend | None = None) -> None:
+        super().__init__("dgemma", __version__)
+        self.settings = Settings()
+        self.ring = RingBuffer(self.settings.ring_size)
+        self.cache = CompletionCache()
+        self.debouncer = Debouncer(self.settings.debounce_ms / 1000)
+        self.reporter = StateReporter(self)
+        self.backend: Backend = backend or DaemonBackend(on_state=self.reporter.on_state)
+        self.languages: dict[str, str] = {}
+        self.root: str | None = None
+        # The daemon request serving the latest completion per document, so a
+        # newer one (or $/cancelRequest) can cancel it end to end.
+        self.inflight: dict[str, asyncio.Task[Any]] = {}
+        self.superseded: set[asyncio.Task[Any]] = set()
+
+    def apply_settings(self, options: Any) -> None:
+        self.settings = self.settings.merged(options)
+        self.ring.capacity = self.settings.ring_size
+        self.debouncer.delay_s = self.settings.debounce_ms / 1000
+
+    def supports_inline_completion(self) -> bool:
+        caps = self.client_capabilities
+        td = caps.text_document if caps else None
+        return bool(td and td.inline_completion is not None)
+
+    def open_texts(self) -> dict[str, str]:
+        return {uri: doc.source for uri, doc in self.workspace.text_documents.items()}
+
+
+server = DgemmaLanguageServer()
+
+
+# ---- lifecycle and document sync ------------------------------------------------------
+
+@server.feature(types.INITIALIZE)
+def initialize(ls: DgemmaLanguageServer, params: types.InitializeParams) -> None:
+    ls.apply_settings(params.initialization_options)
+    if params.root_uri and params.root_uri.startswith("file:"):
+        ls.root = unquote(urlparse(params.root_uri).path)
+    elif params.root_path:
+        ls.root = params.root_path
+
+
+@server.feature(types.INITIALIZED)
+async def initialized(ls: DgemmaLanguageServer, params: types.InitializedParams) -> None:
+    # Start (or find) the daemon now, so the model loads while the user reads
+    # code rather than on the first keystroke. Failures are reported by the
+    # reporter; the next request retries.
+    ls.reporter.begin_startup()
+    asyncio.get_running_loop().create_task(_warm_up(ls))
+
+
+async def _warm_up(ls: DgemmaLanguageServer) -> None:
+    try:
+        await ls.backend.ensure_ready()
+    except BackendError:
+        pass  # already reported once by the reporter
+    except Exception:  # pragma: no cover - never let a warm-up kill the server
+        log.exception("warm-up failed")
+
+
+@server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+def did_change_configuration(ls: DgemmaLanguageServer, params: types.DidChangeConfigurationParams) -> None:
+    ls.apply_settings(params.settings)
+
+
+@server.feature(types.TEXT_DOCUMENT_DID_OPEN)
+def did_open(ls: DgemmaLanguageServer, params: types.DidOpenTextDocumentParams) -> None:
+    doc = params.text_document
+    ls.languages[doc.uri] = language_of(doc.uri, doc.language_id)
+    # The top of a freshly opened file (imports, definitions) is the best guess
+    # of what is useful from it until the user edits it.
+    ls.ring.touch(doc.uri, 0)
+
+
+@server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
+def did_change(ls: DgemmaLanguageServer, params: types.DidChangeTextDocumentParams) -> None:
+    line = 0
+    for change in params.content_changes:
+        if isinstance(change, types.TextDocumentContentChangePartial):
+            line = change.range.start.line
+    ls.ring.touch(params.text_document.uri, line)
+
+
+@server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+def did_close(ls: DgemmaLanguageServer, params: types.DidCloseTextDocumentParams) -> None:
+    uri = params.text_document.uri
+    ls.ring.forget(uri)
+    ls.languages.pop(uri, None)
+    task = ls.inflight.pop(uri, None)
+    if task is not None:
+        task.cancel()
+
+
+# ---- completions ----------------------------------------------------------------------
+
+async def _complete(ls: DgemmaLanguageServer, uri: str, position: types.Position, automatic: bool) -> str | None:
+    """The cleaned middle at ``position``, or None (skipped, superseded, failed)."""
+    try:
+        doc = ls.workspace.get_text_document(uri)
+        text = doc.source
+    except Exception:
+        return None
+    offset = offset_at(text, position.line, position.character)
+    line_start = text.rfind("\n", 0, offset) + 1
+    line_end = text.find("\n", offset)
+    line_end = len(text) if line_end < 0 else line_end
+    if not should_trigger(text[line_start:offset], text[offset:line_end], automatic, ls.settings.max_line_suffix):
+        return None
+    s = ls.settings
+    prompt = build_prompt(text, offset, uri=uri, language=ls.languages.get(uri) or language_of(uri),
+                          ring=ls.ring, open_texts=ls.open_texts(), budget=s.budget, root=ls.root)
+    cached = ls.cache.get(prompt.window_prefix, prompt.suffix)
+    if cached is not None:
+        return cached or None
+
+    gen = ls.debouncer.bump(uri)
+    if automatic and not await ls.debouncer.settle(uri, gen):
+        return None
+    if not ls.backend.should_try(automatic):
+        return None
+
+    # Cancel-previous: the daemon also supersedes by `document`, but cancelling
+    # here frees our own task and its socket stream at once.
+    old = ls.inflight.get(uri)
+    if old is not None and not old.done():
+        ls.superseded.add(old)
+        old.cancel()
+    task = asyncio.ensure_future(ls.backend.fill(
+        prompt.prefix, prompt.suffix, document=uri,
+        max_tokens=s.max_tokens_automatic if automatic else s.max_tokens_invoked,
+        n=s.n, seed=s.seed,
+    ))
+    ls.inflight[uri] = task
+    try:
+        result = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task in ls.superseded:
+            # A newer request for this document took over: answer "nothing"
+            # rather than an error the client would log.
+            ls.superseded.discard(task)
+            return None
+        # $/cancelRequest from the client (or a closed document): stop the model too.
+        task.cancel()
+        raise
+    except BackendError as exc:
+        if exc.code not in ("superseded", "cancelled"):
+            ls.reporter.request_failed(exc)
+        return None
+    finally:
+        if ls.inflight.get(uri) is task:
+            del ls.inflight[uri]
+    middle = pp.postprocess(result.text, prompt.window_prefix, prompt.suffix,
+                            max_lines=s.max_lines_automatic if automatic else None)
+    ls.cache.put(prompt.window_prefix, prompt.suffix, middle)
+    return middle or None
+
+
+@server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+async def inline_completion(
+    ls: DgemmaLanguageServer, params: types.InlineCompletionParams
+) -> types.InlineCompletionList | None:
+    automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
+    middle = await _complete(ls, params.text_document.uri, params.position, automatic)
+    if not middle:
+        return None
+    pos = params.position
+    return types.InlineCompletionList(items=[
+        types.InlineCompletionItem(insert_text=middle, range=types.Range(start=pos, end=pos))
+    ])
+
+
+@server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(resolve_provider=False))
+async def completion(ls: DgemmaLanguageServer, params: types.CompletionParams) -> types.CompletionList | None:
+    """The inline completion as a completion item, for clients without inline completion."""
+    if ls.supports_inline_completion():
+        return None
+    ctx = params.context
+    automatic = ctx is None or ctx.trigger_kind != types.CompletionTriggerKind.Invoked
+    uri, pos = params.text_document.uri, params.position
+    middle = await _complete(ls, uri, pos, automatic)
+    if not middle:
+        return None
+    # Clients filter items by the word before the cursor, so the edit starts at
+    # that word and repeats it: otherwise the item is filtered out at once.
+    text = ls.workspace.get_text_document(uri).source
+    offset = offset_at(text, pos.line, pos.character)
+    start = offset
+    while start > 0 and (text[start - 1].isalnum() or text[start - 1] == "_"):
+        start -= 1
+    word = text[start:offset]
+    sl, sc = position_at(text, start)
+    first = (word + middle).split("\n", 1)[0].strip() or middle.strip().split("\n", 1)[0]
+    item = types.CompletionItem(
+        label=first[:80],
+        kind=types.CompletionItemKind.Snippet,
+        detail="dgemma",
+        documentation=types.MarkupContent(kind=types.MarkupKind.PlainText, value=word + middle),
+        sort_text="0",
+        filter_text=word + middle,
+        insert_text_format=types.InsertTextFormat.PlainText,
+        text_edit=types.TextEdit(range=types.Range(start=types.Position(sl, sc), end=pos), new_text=word + middle),
+    )
+    return types.CompletionList(is_incomplete=True, items=[item])
+
+
+# ---- code actions and commands --------------------------------------------------------
+
+@server.feature(
+    types.TEXT_DOCUMENT_CODE_ACTION,
+    types.CodeActionOptions(code_action_kinds=[types.CodeActionKind.RefactorRewrite]),
+)
+def code_action(ls: DgemmaLanguageServer, params: types.CodeActionParams) -> list[types.CodeAction]:
+    uri, rng = params.text_document.uri, params.range
+    if rng.start == rng.end:
+        return [types.CodeAction(
+            title="Fill at cursor (dgemma)",
+            kind=types.CodeActionKind.RefactorRewrite,
+            command=types.Command("Fill at cursor (dgemma)", CMD_FILL, [uri, _pos_json(rng.start)]),
+        )]
+    # No instruction in the arguments: a generic client cannot prompt for one,
+    # so the server regenerates the selection. Editor plugins ask the user and
+    # call dgemma.rewrite with the instruction themselves.
+    return [types.CodeAction(
+        title="Rewrite selection…",
+        kind=types.CodeActionKind.RefactorRewrite,
+        command=types.Command("Rewrite selection…", CMD_REWRITE, [uri, _range_json(rng)]),
+    )]
+
+
+@server.command(CMD_REWRITE)
+async def rewrite(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
+    """``dgemma.rewrite(uri, range, instruction?)`` or one map with those keys.
+
+    Applies the replacement with ``workspace/applyEdit``; an empty instruction
+    regenerates the selection as fill-in-the-middle.
+    """
+    a = _command_args(args, ("uri", "range", "instruction"))
+    uri = _require(a, "uri", str)
+    rng = _parse_range(_require(a, "range", dict))
+    instruction = a.get("instruction") or ""
+    if not isinstance(instruction, str):
+        raise ValueError("`instruction` must be a string")
+    doc = ls.workspace.get_text_document(uri)
+    text, version = doc.source, doc.version
+    start = offset_at(text, rng.start.line, rng.start.character)
+    end = offset_at(text, rng.end.line, rng.end.character)
+    if end < start:
+        start, end = end, start
+    prefix, selection, suffix = text[:start], text[start:end], text[end:]
+    s = ls.settings
+    ls.reporter.busy("Rewriting selection")
+    try:
+        if instruction.strip():
+            res = await ls.backend.edit(prefix, selection, suffix, instruction, document=uri,
+                                        strength=s.strength, seed=s.seed)
+        else:
+            res = await ls.backend.fill(prefix, suffix, document=uri, max_tokens=s.max_tokens_invoked,
+                                        n=s.n, seed=s.seed)
+    except BackendError as exc:
+        ls.reporter.request_failed(exc, always=True)
+        return {"applied": False, "error": exc.code, "message": exc.message}
+    finally:
+        ls.reporter.idle()
+    new = _clean_replacement(res.text, selection, prefix + suffix)
+    applied = await _apply(ls, uri, version, rng, new)
+    return {"applied": applied, "text": new}
+
+
+@server.command(CMD_FILL)
+async def fill(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
+    """``dgemma.fill(uri, position)``: insert the model's middle at ``position`` as an edit."""
+    a = _command_args(args, ("uri", "position"))
+    uri = _require(a, "uri", str)
+    pos = _parse_position(_require(a, "position", dict))
+    doc = ls.workspace.get_text_document(uri)
+    text, version = doc.source, doc.version
+    offset = offset_at(text, pos.line, pos.character)
+    s = ls.settings
+    prompt = build_prompt(text, offset, uri=uri, language=ls.languages.get(uri) or language_of(uri),
+                          ring=ls.ring, open_texts=ls.open_texts(), budget=s.budget, root=ls.root)
+    ls.reporter.busy("Filling")
+    try:
+        res = await ls.backend.fill(prompt.prefix, prompt.suffix, document=uri,
+                                    max_tokens=s.max_tokens_invoked, n=s.n, seed=s.seed)
+    except BackendError as exc:
+        ls.reporter.request_failed(exc, always=True)
+        return {"applied": False, "error": exc.code, "message": exc.message}
+    finally:
+        ls.reporter.idle()
+    middle = pp.postprocess(res.text, prompt.window_prefix, prompt.suffix)
+    if not middle:
+        return {"applied": False, "text": ""}
+    applied = await _apply(ls, uri, version, types.Range(start=pos, end=pos), middle)
+    return {"applied": applied, "text": middle}
+
+
+@server.command(CMD_STATUS)
+def status(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
+    """The daemon's state as the server last saw it (for status bars)."""
+    return ls.reporter.snapshot()
+
+
+def _clean_replacement(text: str, selection: str, document: str) -> str:
+    """Rewrites keep the document's indentation style and the selection's final newline."""
+    out = pp.fix_indentation(text.replace("\r\n", "\n"), pp.detect_indent(document))
+    if selection.endswith("\n") and not out.endswith("\n"):
+        out += "\n"
+    elif not selection.endswith("\n") and out.endswith("\n"):
+        out = out.rstrip("\n")
+    return pp.match_line_endings(out, document)
+
+
+async def _apply(ls: DgemmaLanguageServer, uri: str, version: int | None, rng: types.Range, new_text: str) -> bool:
+    edit = types.TextEdit(range=rng, new_text=new_text)
+    caps = ls.client_capabilities
+    we = caps.workspace.workspace_edit if caps and caps.workspace else None
+    if we is not None and we.document_changes:
+        # Versioned: the client refuses the edit if the user typed meanwhile,
+        # instead of splicing it into the wrong place.
+        wedit = types.WorkspaceEdit(document_changes=[types.TextDocumentEdit(
+            text_document=types.OptionalVersionedTextDocumentIdentifier(uri=uri, version=version),
+            edits=[edit],
+        )])
+    else:
+        wedit = types.WorkspaceEdit(changes={uri: [edit]})
+    res = await ls.workspace_apply_edit_async(types.ApplyWorkspaceEditParams(edit=wedit, label="dgemma"))
+    return bool(res and res.applied)
+
+
+def _command_args(args: tuple[Any, ...], names: tuple[str, ...]) -> dict[str, Any]:
+    if len(args) == 1 and isinstance(args[0], dict) and names[0] in args[0]:
+        return dict(args[0])
+    return {n: v for n, v in zip(names, args)}
+
+
+def _require(a: dict[str, Any], name: str, kind: type) -> Any:
+    v = a.get(name)
+    if not isinstance(v, kind):
+        raise ValueError(f"missing or invalid argument `{name}`")
+    return v
+
+
+def _parse_position(d: dict[str, Any]) -> types.Position:
+    return types.Position(line=int(d["line"]), character=int(d["character"]))
+
+
+def _parse_range(d: dict[str, Any]) -> types.Range:
+    return types.Range(start=_parse_position(d["start"]), end=_parse_position(d["end"]))
+
+
+def _pos_json(p: types.Position) -> dict[str, int]:
+    return {"line": p.line, "character": p.character}
+
+
+def _range_json(r: types.Range) -> dict[str, Any]:
+    return {"start": _pos_json(r.start), "end": _pos_json(r.end)}
+
+
+def main() -> None:
+    """Run the language server on stdio (``dgemma lsp``)."""
+    level = os.environ.get("DGEMMA_LSP_LOG", "WARNING").upper()
+    # stdout carries the protocol: logs must go to stderr only.
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level, logging.WARNING),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server.start_io()
+
+
+if __name__ == "__main__":
+    main()

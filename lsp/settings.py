@@ -1,0 +1,74 @@
+"""Language-server settings, from ``initializationOptions`` or ``workspace/didChangeConfiguration``.
+
+Editors send camelCase (``debounceMs``) or snake_case; both are accepted, and
+the options may sit at the top level or under a ``dgemma`` key (VS Code sends
+its whole settings section that way).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .context import Budget
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Wait this long after the last keystroke before asking the model; a burst
+    # of typing then costs one call. Invoked triggers never wait.
+    debounce_ms: int = 100
+    # Automatic triggers are skipped with more text than this right of the cursor.
+    max_line_suffix: int = 8
+    # Middle tokens the model may write: short for ghost text while typing,
+    # longer when the user explicitly asks.
+    max_tokens_automatic: int = 128
+    max_tokens_invoked: int = 256
+    # Ghost text longer than this many lines is cut (automatic triggers only).
+    max_lines_automatic: int = 16
+    prefix_tokens: int = 1024
+    suffix_tokens: int = 256
+    extra_tokens: int = 512
+    chunk_lines: int = 32
+    ring_size: int = 16
+    # Candidates the daemon decodes for one fill.
+    n: int = 1
+    # Fixed seed for reproducible completions (tests, benchmarks); None = random.
+    seed: int | None = None
+    # Edit strength: share of the selection renoised before a rewrite.
+    strength: float = 0.5
+    # Seconds before retrying a daemon whose model failed to load.
+    retry_after_s: float = 30.0
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.prefix_tokens, self.suffix_tokens, self.extra_tokens, self.chunk_lines)
+
+    def merged(self, options: Any) -> "Settings":
+        """A copy with the known keys of ``options`` applied (unknown keys ignored)."""
+        if not isinstance(options, dict):
+            return self
+        if isinstance(options.get("dgemma"), dict):
+            options = options["dgemma"]
+        known = {f.name: f for f in dataclasses.fields(self)}
+        changes: dict[str, Any] = {}
+        for key, value in options.items():
+            name = re.sub(r"(?<!^)(?=[A-Z])", "_", str(key)).lower()
+            if name not in known:
+                continue
+            current = getattr(self, name)
+            try:
+                if isinstance(current, bool):
+                    changes[name] = bool(value)
+                elif isinstance(current, int) and not isinstance(current, bool):
+                    changes[name] = int(value)
+                elif isinstance(current, float):
+                    changes[name] = float(value)
+                elif name == "seed":
+                    changes[name] = None if value is None else int(value)
+                else:
+                    changes[name] = value
+            except (TypeError, ValueError):
+                continue  # a bad value keeps the default rather than breaking the server
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,210 @@
+"""The block-diffusion engine on tiny random checkpoints built from a small config."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dgemma.daemon.canvas import plan_rows, slot_candidates
+from dgemma.daemon.denoise import denoise, encode
+from dgemma.daemon.engine import Engine
+from dgemma.daemon.errors import DgemmaError
+from dgemma.daemon.loading import load_model
+from dgemma.daemon.sampling import SamplerSettings
+from transformers import DynamicCache
+
+FAST = {"max_denoising_steps": 3}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> Engine:
+    return Engine(load_model(tiny_model_dir, device="cpu"))
+
+
+def test_loader_never_builds_the_vision_tower(engine: Engine) -> None:
+    names = [name for name, _ in engine.model.named_parameters()]
+    assert names and not any("vision" in name for name in names)
+    enc = engine.model.model.encoder.language_model.layers[0]
+    dec = engine.model.model.decoder.layers[0]
+    assert enc.experts.gate_up_proj is dec.experts.gate_up_proj  # tied, loaded once
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_unconstrained_loop_reproduces_transformers_generate(engine: Engine, batch: int) -> None:
+    steps = SamplerSettings(max_denoising_steps=6)
+    prompt = torch.tensor([[2, 310, 41, 977, 5000, 12]]).repeat(batch, 1)
+    ours = engine.generate(prompt, max_new_tokens=40, seed=11, settings=steps)
+    torch.manual_seed(11)
+    ref = engine.model.generate(prompt, max_new_tokens=40, max_denoising_steps=6, t_min=steps.t_min,
+                                t_max=steps.t_max, stability_threshold=1, confidence_threshold=0.005).sequences
+    assert torch.equal(ours, ref)
+
+
+def test_generate_matches_with_early_stopping(engine: Engine) -> None:
+    # A confidence threshold above log(vocab) makes every row stop as soon as it is stable, so the
+    # finished-row bookkeeping of the loop is exercised too.
+    loose = SamplerSettings(max_denoising_steps=12, confidence_threshold=20.0, stability_threshold=1)
+    prompt = torch.tensor([[2, 7, 8, 9], [2, 70, 80, 90]])
+    ours = engine.generate(prompt, max_new_tokens=16, seed=3, settings=loose)
+    torch.manual_seed(3)
+    ref = engine.model.generate(prompt, max_new_tokens=16, max_denoising_steps=12, t_min=0.4, t_max=0.8,
+                                stability_threshold=1, confidence_threshold=20.0).sequences
+    assert torch.equal(ours, ref)
+
+
+def test_pinned_positions_never_change(engine: Engine) -> None:
+    model, C = engine.model, engine.canvas_length
+    cache = DynamicCache(config=engine.text_config)
+    encode(model, torch.tensor([[2, 5, 6, 7]]), cache)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, engine.vocab_size, (3, C), generator=gen)
+    plan = plan_rows(noise, [4, 8, 12], [101, 102, 103], engine.eos_id, engine.pad_id)
+    seen = []
+
+    def observe(state) -> None:
+        assert torch.equal(state.argmax[plan.pinned], plan.tokens[plan.pinned])
+        assert torch.all(state.entropy[plan.pinned] == 0)
+        seen.append(state.step)
+
+    out = denoise(model, cache, plan.tokens, plan.pinned, SamplerSettings(max_denoising_steps=5), gen,
+                  on_step=observe)
+    assert seen == [1, 2, 3, 4, 5]
+    assert torch.equal(out.argmax[plan.pinned], plan.tokens[plan.pinned])
+    assert plan.tokens[0, 4:8].tolist() == [101, 102, 103, engine.eos_id]
+    assert plan.tokens[2, 12:].tolist() == [101, 102, 103, engine.eos_id]
+
+
+def test_slot_candidates_fit_the_canvas() -> None:
+    assert slot_candidates(256, 256) == [64, 128, 192, 224]
+    assert slot_candidates(16, 16) == [4, 8, 12, 14]
+    assert slot_candidates(256, 10) == [10]
+
+
+def test_fill_returns_ranked_alternatives(engine: Engine) -> None:
+    res = engine.fill("def add(a, b):\n    return", "\n", n=3, max_tokens=20, seed=4, settings=FAST)
+    assert 1 <= len(res.completions) <= 3
+    keys = [(c.finished, c.score) for c in res.completions]
+    assert keys == sorted(keys, reverse=True)
+    assert all(c.tokens <= 20 for c in res.completions)
+    assert res.prompt_tokens > 0 and res.steps > 0 and res.seed == 4
+
+
+def test_fill_longer_than_a_canvas_continues_block_by_block(engine: Engine) -> None:
+    res = engine.fill("x = [", "]\n", max_tokens=40, seed=2, settings=FAST)
+    best = res.completions[0]
+    if not best.finished:  # a random model rarely closes the middle; then it spends the budget
+        assert best.tokens == 40
+        assert res.canvases >= 3
+
+
+def test_same_seed_same_output(engine: Engine) -> None:
+    a = engine.fill("import os\n", "", seed=9, max_tokens=12, settings=FAST)
+    b = engine.fill("import os\n", "", seed=9, max_tokens=12, settings=FAST)
+    assert [c.text for c in a.completions] == [c.text for c in b.completions]
+
+
+def test_prefix_cache_hit_equals_cold_run(tiny_model_dir) -> None:
+    warm = Engine(load_model(tiny_model_dir, device="cpu"))
+    cold = Engine(load_model(tiny_model_dir, device="cpu"), prefix_cache_bytes=0)
+    lines = "".join(f"value_{i} = compute({i}, scale=2)\n" for i in range(40))
+    first = warm.fill(lines + "resu", "\n", seed=5, max_tokens=8, settings=FAST)
+    assert first.cached_tokens == 0
+    # One more keystroke on the same line: everything up to the line start comes from the cache.
+    second = warm.fill(lines + "resul", "\n", seed=5, max_tokens=8, settings=FAST)
+    reference = cold.fill(lines + "resul", "\n", seed=5, max_tokens=8, settings=FAST)
+    assert second.cached_tokens > 0.9 * second.prompt_tokens
+    assert reference.cached_tokens == 0
+    assert [c.text for c in second.completions] == [c.text for c in reference.completions]
+    assert warm.prefix_cache.hits == 1
+
+
+def test_prefix_cache_is_bounded_by_bytes(tiny_model_dir) -> None:
+    engine = Engine(load_model(tiny_model_dir, device="cpu"), prefix_cache_bytes=200_000)
+    for i in range(6):
+        engine.fill("".join(f"line_{i}_{j} = {j}\n" for j in range(30)), "", seed=1, max_tokens=4,
+                    settings={"max_denoising_steps": 1})
+        assert engine.prefix_cache.bytes <= 200_000
+    assert 0 < len(engine.prefix_cache) < 6
+
+
+def test_drafts_stream_and_cancel_stops_within_one_step(engine: Engine) -> None:
+    cancel = threading.Event()
+    drafts = []
+
+    def on_step(draft) -> None:
+        drafts.append(draft)
+        if len(drafts) == 2:
+            cancel.set()
+
+    with pytest.raises(DgemmaError) as err:
+        engine.fill("a = 1\n", "", seed=1, settings={"max_denoising_steps": 20}, on_step=on_step, cancel=cancel)
+    assert err.value.code == "cancelled"
+    assert len(drafts) == 2 and all(isinstance(d.text, str) for d in drafts)
+    assert [d.step for d in drafts] == [1, 2]
+
+
+def test_deadline(engine: Engine) -> None:
+    with pytest.raises(DgemmaError) as err:
+        engine.fill("a = 1\n", "", deadline=time.monotonic() - 1, settings=FAST)
+    assert err.value.code == "deadline"
+
+
+def test_edit_seeds_from_the_selection(engine: Engine) -> None:
+    selection = "total = total + 1\n"
+    # strength 0: no slot is renoised, so the first canvas starts as the selection itself.
+    res = engine.edit("x = 0\n", selection, "print(total)\n", "Rewrite this", strength=0.0, seed=3, settings=FAST)
+    assert res.canvases == 1 and isinstance(res.text, str)
+
+
+def test_long_selection_is_rewritten_block_by_block(engine: Engine) -> None:
+    selection = "".join(f"v{i} = {i}\n" for i in range(20))  # far more than one 16-token canvas
+    res = engine.edit("", selection, "", "Clean up", seed=1, settings={"max_denoising_steps": 1})
+    assert res.canvases >= 3
+
+
+@pytest.mark.parametrize("call, code", [
+    (lambda e: e.fill("", ""), "invalid_params"),
+    (lambda e: e.fill("x" * 30000, ""), "too_large"),
+    (lambda e: e.fill("a", "", n=0), "invalid_params"),
+    (lambda e: e.fill("a", "", max_tokens=0), "invalid_params"),
+    (lambda e: e.fill("a", "", settings={"t_min": 0.9, "t_max": 0.5}), "invalid_params"),
+    (lambda e: e.fill("a", "", settings={"temperature": 1.0}), "invalid_params"),
+    (lambda e: e.fill(b"a", ""), "invalid_params"),
+    (lambda e: e.edit("a", "b", "c", "   "), "invalid_params"),
+    (lambda e: e.edit("a", "b", "c", "go", strength=2.0), "invalid_params"),
+])
+def test_bad_input_raises_one_documented_error(engine: Engine, call, code: str) -> None:
+    with pytest.raises(DgemmaError) as err:
+        call(engine)
+    assert err.value.code == code and err.value.message
+
+
+def test_missing_model_is_one_clear_sentence(tmp_path) -> None:
+    with pytest.raises(DgemmaError) as err:
+        load_model("google/diffusiongemma-26B-A4B-it")
+    assert err.value.code == "model_missing"
+    assert "google/diffusiongemma-26B-A4B-it" in err.value.message and "\n" not in err.value.message
+    with pytest.raises(DgemmaError):
+        load_model(tmp_path)
+
+
+text = st.text(alphabet=st.characters(codec="utf-8"), max_size=60) | st.sampled_from(
+    ["\r\n", "é\r\nü", "\t\tx\r\n", "🙂 = 1\r\n", "日本語\n\n"])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prefix=text, suffix=text)
+def test_fill_keeps_prefix_and_suffix_byte_identical(engine: Engine, prefix: str, suffix: str) -> None:
+    if not prefix and not suffix:
+        return
+    res = engine.fill(prefix, suffix, seed=0, max_tokens=6, settings={"max_denoising_steps": 1})
+    document = prefix + res.text + suffix
+    assert document.encode("utf-8").startswith(prefix.encode("utf-8"))
+    assert document.encode("utf-8").endswith(suffix.encode("utf-8"))
+    # The model saw exactly the text: the tokenizer round-trips both sides.
+    assert engine.tokenizer.decode(engine._encode(prefix)) == prefix
+    assert engine.tokenizer.decode(engine._encode(suffix)) == suffix

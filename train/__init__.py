@@ -1,0 +1,1 @@
+"""Training code for the small DiffusionGemma code model bundled with dgemma."""

@@ -1,0 +1,228 @@
+"""Train the small DiffusionGemma code model that dgemma bundles.
+
+    python -m train.train --steps 3000 --out runs/bundled      # ~1 h on 2 CPU cores
+    python -m train.train --ship runs/bundled/best              # copy into daemon/bundled
+
+The model's own objective (block diffusion with uniform-token noise): the clean prefix
+goes through the encoder (causal, writes the KV cache), the canvas through the decoder;
+canvas slots are corrupted to uniform random tokens at a per-example rate r ~ U(0, 1),
+the loss is cross-entropy on the clean target at every non-pinned canvas position.
+Half of the steps first run a detached pass and feed its logits back as
+`self_conditioning_logits` (pinned positions as one-hot). Canvas layouts: see
+train/data.py and docs/engine.md. Seeds are fixed; data order depends only on --seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from train.config import CANVAS_LENGTH, VOCAB_SIZE, generation_config, model_config
+from train.corpus import read_sources, split
+from train.data import Batcher, ExampleMaker, collate
+from train.quickfill import pinned_onehot_logits, quick_fill
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = ROOT / "daemon" / "bundled"
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def diffusion_loss(model, batch, gen: torch.Generator, self_condition: bool):
+    x = batch["input_ids"]
+    target, pinned, base = batch["target"], batch["pinned"], batch["base"]
+    B, C = target.shape
+    rate = torch.rand(B, 1, generator=gen)
+    noise_mask = (torch.rand(B, C, generator=gen) < rate) & ~pinned
+    noise = torch.randint(0, VOCAB_SIZE, (B, C), generator=gen)
+    canvas = torch.where(noise_mask, noise, base)
+    canvas = torch.where(pinned, target, canvas)
+    sc = None
+    if self_condition:
+        with torch.no_grad():
+            first = model(input_ids=x, decoder_input_ids=canvas, use_cache=True).logits
+        sc = pinned_onehot_logits(first.detach(), target, pinned)
+    out = model(input_ids=x, decoder_input_ids=canvas, self_conditioning_logits=sc, use_cache=True)
+    logits = out.logits
+    free = ~pinned
+    loss = F.cross_entropy(logits[free].float(), target[free])
+    with torch.no_grad():
+        acc = (logits[free].argmax(-1) == target[free]).float().mean()
+    return loss, acc
+
+
+def make_val_batches(tok, val_sources, n: int, max_prefix: int, seed: int = 1234):
+    maker = ExampleMaker(tok, val_sources, max_prefix=max_prefix, seed=seed)
+    b = Batcher(maker, batch_size=16, pool_batches=n)
+    return [collate(b.next_examples()) for _ in range(n)]
+
+
+def make_val_fills(val_sources, n: int = 24, seed: int = 99):
+    rng = random.Random(seed)
+    cases = []
+    while len(cases) < n:
+        _, text = rng.choice(val_sources)
+        lines = text.splitlines(keepends=True)
+        if len(lines) < 10:
+            continue
+        i = rng.randrange(3, len(lines) - 3)
+        if not lines[i].strip() or len(lines[i]) > 100:
+            continue
+        a = sum(len(l) for l in lines[:i])
+        cases.append((text[:a], lines[i], text[a + len(lines[i]):]))
+    return cases
+
+
+@torch.no_grad()
+def evaluate(model, val_batches, val_fills, tok, seed: int = 0):
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for vb in val_batches:
+        loss, _ = diffusion_loss(model, vb, gen, self_condition=False)
+        losses.append(loss.item())
+    exact = 0
+    for prefix, middle, suffix in val_fills:
+        m = min(60, max(8, len(tok.encode(middle).ids) + 4))
+        got = quick_fill(model, tok, prefix, suffix, m=m, generator=gen)
+        exact += got.strip() == middle.strip()
+    model.train()
+    return sum(losses) / len(losses), exact / len(val_fills)
+
+
+def save_checkpoint(model, path: Path, meta: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path), safe_serialization=True)
+    generation_config().save_pretrained(str(path))
+    (path / "train_state.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def ship(src: Path, dst: Path = BUNDLED, dtype: str = "bfloat16") -> None:
+    """Write the checkpoint at `src` into the package data folder (bf16, no vision tower)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import DiffusionGemmaConfig
+
+    cfg = DiffusionGemmaConfig.from_pretrained(str(src))
+    cfg.dtype = dtype
+    state = load_file(str(src / "model.safetensors"))
+    dt = getattr(torch, dtype)
+    state = {k: v.to(dt).contiguous() for k, v in state.items() if "vision" not in k}
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(str(dst))
+    generation_config().save_pretrained(str(dst))
+    meta = json.loads((src / "train_state.json").read_text())
+    (dst / "train_state.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log(f"shipped {src} -> {dst} ({(dst / 'model.safetensors').stat().st_size / 1e6:.1f} MB)")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-prefix", type=int, default=192)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=150)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bundled")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--ship", type=Path, default=None, help="only ship this checkpoint")
+    ap.add_argument("--stop-file", type=Path, default=None,
+                    help="stop cleanly (after a final checkpoint) when this file exists")
+    args = ap.parse_args(argv)
+    if args.ship:
+        ship(args.ship)
+        return
+
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    tok = Tokenizer.from_file(str(BUNDLED / "tokenizer.json"))
+    train_src, val_src = split(read_sources())
+    log(f"corpus: {len(train_src)} train files, {len(val_src)} val files")
+    model = DiffusionGemmaForBlockDiffusion(model_config(args.preset))
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "vision" not in n)
+    log(f"model: {n_params / 1e6:.2f} M parameters (without the vision stub)")
+    model.train()
+
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "vision" not in n else no_decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+
+    def lr_at(step):
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        t = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+    maker = ExampleMaker(tok, train_src, max_prefix=args.max_prefix, seed=args.seed)
+    batcher = Batcher(maker, batch_size=args.batch_size)
+    val_batches = make_val_batches(tok, val_src, 6, args.max_prefix)
+    val_fills = make_val_fills(val_src)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    sc_rng = random.Random(args.seed + 2)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    best = float("inf")
+    t0 = time.time()
+    run_loss = run_acc = 0.0
+    ntok = 0
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        batch = collate(batcher.next_examples())
+        loss, acc = diffusion_loss(model, batch, gen, self_condition=sc_rng.random() < 0.5)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        run_loss += loss.item()
+        run_acc += acc.item()
+        ntok += batch["input_ids"].numel() + batch["target"].numel()
+        if (step + 1) % 25 == 0:
+            el = time.time() - t0
+            log(f"step {step + 1} loss {run_loss / 25:.3f} acc {run_acc / 25:.3f} gnorm {gnorm:.2f} "
+                f"lr {lr_at(step):.2e} {ntok / el:.0f} tok/s {el / (step + 1):.2f} s/step")
+            run_loss = run_acc = 0.0
+        stop = args.stop_file is not None and args.stop_file.exists()
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps or stop:
+            vloss, vexact = evaluate(model, val_batches, val_fills, tok)
+            meta = {"step": step + 1, "val_loss": vloss, "val_line_exact": vexact,
+                    "train_seconds": round(time.time() - t0), "params": n_params,
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "torch": torch.__version__, "python": sys.version.split()[0]}
+            save_checkpoint(model, args.out / "latest", meta)
+            if vloss < best:
+                best = vloss
+                if (args.out / "best").exists():
+                    shutil.rmtree(args.out / "best")
+                shutil.copytree(args.out / "latest", args.out / "best")
+            log(f"eval step {step + 1}: val loss {vloss:.3f} (best {best:.3f}) line exact {vexact:.3f}")
+        if stop:
+            log("stop file found: stopping")
+            break
+    log(f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
