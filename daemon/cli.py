@@ -85,8 +85,11 @@ def _settings(steps: int | None) -> dict[str, Any]:
 # ---- edit / fill / undo -------------------------------------------------------------------
 
 def _display(data: bytes) -> list[str]:
-    text = data.decode("utf-8", "replace")
-    return [line.replace("\r\n", "\n") for line in text.splitlines(keepends=True)]
+    # Split on "\n" only: str.splitlines would also split on form feeds and U+2028.
+    text = data.decode("utf-8", "replace").replace("\r\n", "\n")
+    lines = text.split("\n")
+    out = [line + "\n" for line in lines[:-1]]
+    return out + [lines[-1]] if lines[-1] else out
 
 
 @app.command()
@@ -129,7 +132,8 @@ def edit(
     if new_bytes == src.raw:
         _say(f"dgemma: no change to {src.shown}:{start}-{end}")
         return
-    diff = difflib.unified_diff(_display(src.raw), _display(new_bytes), f"a/{src.shown}", f"b/{src.shown}")
+    label = src.shown.lstrip("/")
+    diff = difflib.unified_diff(_display(src.raw), _display(new_bytes), f"a/{label}", f"b/{label}")
     for line in diff:
         sys.stdout.write(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
     sys.stdout.flush()

@@ -91,10 +91,8 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
     cache = expand_cache(cache, batch)
     free = ~pinned
     any_pinned = bool(pinned.any())
-    pin_values = canvas[pinned]
-    # Self-conditioning reads softmax(logits): -inf everywhere but the pinned token makes it one-hot.
-    pin_logits = torch.full((pin_values.numel(), vocab), float("-inf"), device=device)
-    pin_logits[torch.arange(pin_values.numel(), device=device), pin_values] = 0.0
+    pin_rows, pin_cols = pinned.nonzero(as_tuple=True)
+    pin_values = canvas[pin_rows, pin_cols]
     free_count = free.sum(-1).clamp(min=1)
 
     current, argmax = canvas, canvas
@@ -111,7 +109,10 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
                        decoder_position_ids=positions).logits
         logits = logits / settings.temperature(steps_left)
         if any_pinned:
-            logits[pinned] = pin_logits
+            # Self-conditioning reads softmax(logits): -inf everywhere but the pinned token makes it
+            # one-hot. Written in place: a (pinned x vocab) copy is hundreds of MB at 262k vocab.
+            logits.masked_fill_(pinned.unsqueeze(-1), float("-inf"))
+            logits[pin_rows, pin_cols, pin_values] = 0.0
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         sampled = torch.multinomial(probs.view(-1, vocab), 1, generator=generator).view(batch, canvas_length)
         new_argmax = logits.argmax(-1)

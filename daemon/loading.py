@@ -157,5 +157,7 @@ def load_model(model: str | os.PathLike | None = None, *, device: str | torch.de
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise DgemmaError("model_missing", f"Cannot load the tokenizer in {path}: {exc}") from None
+    # The engine checks prompt length against the model's context itself, with a clearer error.
+    tokenizer.model_max_length = 1 << 62
     name = path.name if path != BUNDLED_MODEL_DIR else "dgemma-bundled"
     return LoadedModel(model=loaded.eval(), tokenizer=tokenizer, name=name, path=path, device=dev, dtype=dt)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -71,12 +72,15 @@ class Job:
 
 
 class Scheduler:
-    """Queued jobs per connection, served round robin, so a client with 50 queued
-    requests delays a client with one by at most one request."""
+    """Queued jobs per connection. The next job comes from the connection served least
+    recently, so a client with 50 queued requests delays a client with one by at most
+    one request."""
 
     def __init__(self) -> None:
         self._cv = threading.Condition()
-        self._queues: collections.OrderedDict[int, collections.deque[Job]] = collections.OrderedDict()
+        self._queues: dict[int, collections.deque[Job]] = {}
+        self._last_served: dict[int, int] = {}
+        self._served = itertools.count()
         self._control: collections.deque[Callable[[], None]] = collections.deque()
         self._closed = False
         self.running: Job | None = None
@@ -109,22 +113,26 @@ class Scheduler:
                     return None
                 if self._control:
                     return self._control.popleft()
-                for cid in list(self._queues):
+                if self._queues:
+                    # Never-served clients (-1) first, then least recently served; ties by cid (arrival).
+                    cid = min(self._queues, key=lambda c: (self._last_served.get(c, -1), c))
                     queue = self._queues[cid]
-                    if queue:
-                        job = queue.popleft()
-                        self._queues.move_to_end(cid)  # round robin
-                        if not queue:
-                            del self._queues[cid]
-                        self.running = job
-                        return job
-                    del self._queues[cid]
+                    job = queue.popleft()
+                    if not queue:
+                        del self._queues[cid]
+                    self._last_served[cid] = next(self._served)
+                    self.running = job
+                    return job
                 self._cv.wait()
 
     def done(self, job: Job) -> None:
         with self._cv:
             if self.running is job:
                 self.running = None
+
+    def forget(self, cid: int) -> None:
+        with self._cv:
+            self._last_served.pop(cid, None)
 
     def remove(self, pred: Callable[[Job], bool]) -> list[Job]:
         with self._cv:
@@ -133,9 +141,8 @@ class Scheduler:
     def _remove_locked(self, pred: Callable[[Job], bool]) -> list[Job]:
         removed = []
         for cid in list(self._queues):
-            queue = self._queues[cid]
-            keep = collections.deque()
-            for job in queue:
+            keep: collections.deque[Job] = collections.deque()
+            for job in self._queues[cid]:
                 (removed if pred(job) else keep).append(job)
             if keep:
                 self._queues[cid] = keep
@@ -466,6 +473,7 @@ class Server:
         conn.closed = True
         self.connections.pop(conn.cid, None)
         self.scheduler.remove(lambda j: j.conn is conn)
+        self.scheduler.forget(conn.cid)
         for job in list(conn.jobs.values()):
             job.flag.set("disconnected")
         conn.jobs.clear()
@@ -563,20 +571,21 @@ class Server:
         return {"cancelled": True}
 
     def _m_reload(self, conn: Connection, rid: Any, params: dict[str, Any]) -> None:
+        """Re-read the config now (the watcher does it on its own too) and reload the model
+        when its settings changed or `reload_model` is true. The reply waits for the worker,
+        so it describes the model actually in force (a running request finishes first)."""
         try:
             new, _ = self.watcher.reload()
         except DgemmaError as exc:
             conn.send(proto.error(rid, exc.code, f"config not reloaded, the previous one stays: {exc.message}"))
             return
         force = proto.param(params, "reload_model", bool, False)
-        model_changed = self._apply_config(self.config, new, force_model=force)
-        if not model_changed:
-            conn.send(proto.result(rid, {"reloaded": True, "model_reloaded": False, "model": self.model_name}))
-            return
+        model_reloaded = self._apply_config(self.config, new, force_model=force)
 
         def after() -> None:
             self._call_soon(conn.send, proto.result(rid, {
-                "reloaded": True, "model_reloaded": self.state == "ready", "model": self.model_name,
+                "reloaded": True, "model_reloaded": model_reloaded, "model": self.model_name,
+                "model_spec": self.model_spec, "state": self.state,
                 "error": self.load_error.message if self.load_error else None}))
         self.scheduler.control(after)
 
