@@ -115,8 +115,8 @@ def edit(
     src = read_source(name)
     check_range(src, start, end)
     prefix, selection, suffix = src.text(0, start - 1), src.text(start - 1, end), src.text(end, src.line_count)
-    params: dict[str, Any] = {"prefix": prefix, "suffix": suffix, "seed": seed, "settings": _settings(steps),
-                              "document": str(src.path)}
+    # No `document`: that would let two shell commands on one file supersede each other.
+    params: dict[str, Any] = {"prefix": prefix, "suffix": suffix, "seed": seed, "settings": _settings(steps)}
     if max_tokens:
         params["max_tokens"] = max_tokens
     if message is not None:
@@ -173,7 +173,7 @@ def fill(
     src = read_source(name)
     prefix, suffix = split_at(src, line, col)
     res = _run_request("fill", {"prefix": prefix, "suffix": suffix, "max_tokens": max_tokens, "seed": seed,
-                                "settings": _settings(steps), "document": str(src.path)},
+                                "settings": _settings(steps)},
                        no_daemon=no_daemon, model=model)
     middle = res["completions"][0]["text"] if res.get("completions") else ""
     if json_out:

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import stat
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -35,13 +36,16 @@ def runtime_dir() -> Path:
     env = os.environ.get("DGEMMA_RUNTIME_DIR")
     if env:
         return Path(env)
-    # user_runtime_dir is /run/user/UID on Linux; it may be absent (containers, ssh
-    # without logind), so fall back to a per-user folder in the temp dir.
-    base = Path(platformdirs.user_runtime_dir(APP))
-    if base.parent.exists():
-        return base
-    import tempfile
-    return Path(tempfile.gettempdir()) / f"{APP}-{os.getuid()}"
+    if sys.platform.startswith("linux"):
+        # $XDG_RUNTIME_DIR (/run/user/UID) is private and cleared at logout; without it
+        # (containers, ssh without logind) a per-user folder in /tmp, checked for owner
+        # and mode by ensure_private_dir.
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        if xdg and os.path.isdir(xdg):
+            return Path(xdg) / APP
+        import tempfile
+        return Path(tempfile.gettempdir()) / f"{APP}-{os.getuid()}"
+    return Path(platformdirs.user_runtime_dir(APP))
 
 
 def config_dir() -> Path:

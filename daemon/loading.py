@@ -137,13 +137,15 @@ def load_model(model: str | os.PathLike | None = None, *, device: str | torch.de
 
     # Hook: pre-quantized checkpoints (ModelOpt NVFP4, compressed-tensors, dgemma's own) and
     # on-the-fly quantization are handled by dgemma.quant.
-    try:  # TEMPORARY until dgemma.quant.checkpoint lands
-        from dgemma.quant import checkpoint as quant_checkpoint
-    except ImportError:
-        quant_checkpoint = None
-    if quant_checkpoint is not None and (quant_checkpoint.is_quantized_checkpoint(path) or quantize):
-        loaded = quant_checkpoint.load_quantized_into(empty, path, dev, dt, quantize=quantize)
-    else:
+    from dgemma.quant import checkpoint as quant_checkpoint
+
+    try:
+        quantized = quant_checkpoint.is_quantized_checkpoint(path)
+        if quantized or quantize:
+            loaded = quant_checkpoint.load_quantized_into(empty, path, dev, dt, quantize=quantize)
+    except ValueError as exc:  # CheckpointError: unsupported format, missing or mis-shaped tensors
+        raise DgemmaError("model_missing", f"Cannot load {path}: {exc}") from None
+    if not (quantized or quantize):
         state = {}
         for file in _checkpoint_files(path):
             with safe_open(str(file), framework="pt", device="cpu") as f:

@@ -14,12 +14,19 @@ layers and ~16 rows per expert in the MoE (top-8 of 128), so small BLOCK_M.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from dgemma.kernels.moe_align import moe_align
 from dgemma.quant.formats import QuantizedWeight, code_table
+
+MOE_CHUNK_TOKENS = 1024
+# Triton 3.9's interpreter computes tl.dot on bf16/fp16 operands as garbage (checked on CPU),
+# so under TRITON_INTERPRET the operands are widened to fp32 first; compiled kernels are unaffected.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 _LUTS: dict[tuple[str, torch.device], torch.Tensor] = {}
 
@@ -70,7 +77,7 @@ def _w4a16_kernel(
     stride_cm, stride_cn,
     GROUP: tl.constexpr, SCALE_E4M3: tl.constexpr,
     MOE: tl.constexpr, A_ROW_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, FUSE_GATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -101,6 +108,9 @@ def _w4a16_kernel(
         a_mask = row_mask[:, None] & k_mask[None, :]
         a_even = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
         a_odd = tl.load(a_ptr + a_off + stride_ak, mask=a_mask, other=0.0)
+        if UPCAST:
+            a_even = a_even.to(tl.float32)
+            a_odd = a_odd.to(tl.float32)
         w_mask = k_mask[:, None] & n_mask[None, :]
         w_lo, w_hi = _decode_tile(p_base, s_base, lut_ptr, offs_n, kh, w_mask, stride_pn, stride_sn,
                                   GROUP, SCALE_E4M3)
@@ -170,7 +180,7 @@ def w4a16_matmul_triton(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
         out.stride(0), out.stride(1),
         GROUP=w.block, SCALE_E4M3=e4m3,
         MOE=False, A_ROW_DIV=1, MUL_WEIGHT=False, FUSE_GATE=False,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=_INTERPRET,
     )
     return out.reshape(*x.shape[:-1], n)
 
@@ -194,7 +204,7 @@ def _moe_gemm(a, w: QuantizedWeight, out, sorted_rows, block_expert, num_rows, a
         out.stride(0), out.stride(1),
         GROUP=w.block, SCALE_E4M3=e4m3,
         MOE=True, A_ROW_DIV=a_row_div, MUL_WEIGHT=tw is not None, FUSE_GATE=fuse_gate,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=_INTERPRET,
     )
 
 
@@ -209,6 +219,13 @@ def moe_w4a16_triton(
     """Fused MoE: grouped gate_up (+ activation) then grouped down (x router weight), summed over top-k."""
     if activation != "gelu_pytorch_tanh":
         raise NotImplementedError(f"fused MoE kernel supports gelu_pytorch_tanh, not {activation}")
+    if hidden_states.shape[0] > MOE_CHUNK_TOKENS:
+        # A long prefill would hold [T*K, H] partial outputs at once; chunks bound that memory.
+        return torch.cat([
+            moe_w4a16_triton(hidden_states[i:i + MOE_CHUNK_TOKENS], top_k_index[i:i + MOE_CHUNK_TOKENS],
+                             top_k_weights[i:i + MOE_CHUNK_TOKENS], gate_up, down, activation)
+            for i in range(0, hidden_states.shape[0], MOE_CHUNK_TOKENS)
+        ])
     t, h = hidden_states.shape
     top_k = top_k_index.shape[1]
     num_experts, two_i, _ = gate_up.shape

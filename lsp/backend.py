@@ -42,10 +42,11 @@ class Backend(Protocol):
     def should_try(self, automatic: bool) -> bool: ...
 
     async def fill(self, prefix: str, suffix: str, *, document: str, max_tokens: int, n: int = 1,
-                   seed: int | None = None) -> FillResult: ...
+                   seed: int | None = None, sampler: dict[str, Any] | None = None) -> FillResult: ...
 
     async def edit(self, prefix: str, selection: str, suffix: str, instruction: str, *, document: str,
-                   strength: float = 0.5, seed: int | None = None) -> FillResult: ...
+                   strength: float = 0.5, seed: int | None = None, max_tokens: int | None = None,
+                   sampler: dict[str, Any] | None = None) -> FillResult: ...
 
 
 # Load errors the daemon answers every fill with until its model is fixed.
@@ -146,23 +147,31 @@ class DaemonBackend:
                           queue_ms=float(res.get("queue_ms", 0.0)))
 
     async def fill(self, prefix: str, suffix: str, *, document: str, max_tokens: int, n: int = 1,
-                   seed: int | None = None) -> FillResult:
+                   seed: int | None = None, sampler: dict[str, Any] | None = None) -> FillResult:
+        # Ghost text cannot be streamed through LSP, so drafts are not requested.
         params: dict[str, Any] = {"prefix": prefix, "suffix": suffix, "document": document,
                                   "max_tokens": max_tokens, "n": n, "stream": False}
-        if seed is not None:
-            params["seed"] = seed
-        return await self._request("fill", params)
+        return await self._request("fill", _extra(params, seed, sampler))
 
     async def edit(self, prefix: str, selection: str, suffix: str, instruction: str, *, document: str,
-                   strength: float = 0.5, seed: int | None = None) -> FillResult:
+                   strength: float = 0.5, seed: int | None = None, max_tokens: int | None = None,
+                   sampler: dict[str, Any] | None = None) -> FillResult:
         params: dict[str, Any] = {"prefix": prefix, "selection": selection, "suffix": suffix,
                                   "instruction": instruction, "document": document, "strength": strength,
                                   "stream": False}
-        if seed is not None:
-            params["seed"] = seed
-        return await self._request("edit", params)
+        if max_tokens is not None:
+            params["max_tokens"] = max_tokens
+        return await self._request("edit", _extra(params, seed, sampler))
 
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+def _extra(params: dict[str, Any], seed: int | None, sampler: dict[str, Any] | None) -> dict[str, Any]:
+    if seed is not None:
+        params["seed"] = seed
+    if sampler:
+        params["settings"] = dict(sampler)
+    return params

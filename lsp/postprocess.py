@@ -8,7 +8,6 @@ name the rule they pin down.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 _CLOSERS = ")]}"
@@ -317,11 +316,3 @@ def postprocess(
     text = trim_trailing_whitespace(text, rest)
     text = drop_whitespace_only(text)
     return text.replace("\n", "\r\n") if crlf else text
-
-
-_WORD = re.compile(r"\w")
-
-
-def is_mid_word(line_before: str, line_after: str) -> bool:
-    """True when the cursor sits inside an identifier (text follows it directly)."""
-    return bool(line_after[:1] and _WORD.match(line_after[:1]))

@@ -32,9 +32,14 @@ class StateReporter:
         self._token: str | None = None
         self._shown: set[str] = set()
         self._busy = 0
+        self.last_fill: dict[str, Any] | None = None
 
     def snapshot(self) -> dict[str, Any]:
         return {"state": self.state, "message": self.message, "model": self.model, "busy": self._busy > 0}
+
+    def details(self) -> dict[str, Any]:
+        """The snapshot plus the timing of the last model call (``dgemma.status``)."""
+        return {**self.snapshot(), "last_fill": self.last_fill}
 
     def _notify_status(self) -> None:
         try:

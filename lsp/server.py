@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -132,6 +133,7 @@ def did_close(ls: DgemmaLanguageServer, params: types.DidCloseTextDocumentParams
 
 async def _complete(ls: DgemmaLanguageServer, uri: str, position: types.Position, automatic: bool) -> str | None:
     """The cleaned middle at ``position``, or None (skipped, superseded, failed)."""
+    t0 = time.monotonic()
     try:
         doc = ls.workspace.get_text_document(uri)
         text = doc.source
@@ -147,7 +149,9 @@ async def _complete(ls: DgemmaLanguageServer, uri: str, position: types.Position
     prompt = build_prompt(text, offset, uri=uri, language=ls.languages.get(uri) or language_of(uri),
                           ring=ls.ring, open_texts=ls.open_texts(), budget=s.budget, root=ls.root)
     cached = ls.cache.get(prompt.window_prefix, prompt.suffix)
-    if cached is not None:
+    # An empty entry means the model had nothing here; an explicit request asks again
+    # (with a random seed the answer may differ), typing does not.
+    if cached or (cached == "" and automatic):
         return cached or None
 
     gen = ls.debouncer.bump(uri)
@@ -165,7 +169,7 @@ async def _complete(ls: DgemmaLanguageServer, uri: str, position: types.Position
     task = asyncio.ensure_future(ls.backend.fill(
         prompt.prefix, prompt.suffix, document=uri,
         max_tokens=s.max_tokens_automatic if automatic else s.max_tokens_invoked,
-        n=s.n, seed=s.seed,
+        n=s.n, seed=s.seed, sampler=s.sampler,
     ))
     ls.inflight[uri] = task
     try:
@@ -188,6 +192,9 @@ async def _complete(ls: DgemmaLanguageServer, uri: str, position: types.Position
             del ls.inflight[uri]
     middle = pp.postprocess(result.text, prompt.window_prefix, prompt.suffix,
                             max_lines=s.max_lines_automatic if automatic else None)
+    # For `dgemma.status` and bench/lsp.py: the engine's share of this request.
+    ls.reporter.last_fill = {"engine_ms": result.ms, "queue_ms": result.queue_ms, "steps": result.steps,
+                             "server_ms": (time.monotonic() - t0) * 1000, "chars": len(middle)}
     ls.cache.put(prompt.window_prefix, prompt.suffix, middle)
     return middle or None
 
@@ -211,10 +218,10 @@ async def completion(ls: DgemmaLanguageServer, params: types.CompletionParams) -
     """The inline completion as a completion item, for clients without inline completion."""
     if ls.supports_inline_completion():
         return None
-    ctx = params.context
-    automatic = ctx is None or ctx.trigger_kind != types.CompletionTriggerKind.Invoked
+    # Clients send "invoked" for every identifier character typed, so every
+    # completion request is treated as typing: debounced, skipped mid-word.
     uri, pos = params.text_document.uri, params.position
-    middle = await _complete(ls, uri, pos, automatic)
+    middle = await _complete(ls, uri, pos, automatic=True)
     if not middle:
         return None
     # Clients filter items by the word before the cursor, so the edit starts at
@@ -252,7 +259,7 @@ def code_action(ls: DgemmaLanguageServer, params: types.CodeActionParams) -> lis
         return [types.CodeAction(
             title="Fill at cursor (dgemma)",
             kind=types.CodeActionKind.RefactorRewrite,
-            command=types.Command("Fill at cursor (dgemma)", CMD_FILL, [uri, _pos_json(rng.start)]),
+            command=types.Command(title="Fill at cursor (dgemma)", command=CMD_FILL, arguments=[uri, _pos_json(rng.start)]),
         )]
     # No instruction in the arguments: a generic client cannot prompt for one,
     # so the server regenerates the selection. Editor plugins ask the user and
@@ -260,7 +267,7 @@ def code_action(ls: DgemmaLanguageServer, params: types.CodeActionParams) -> lis
     return [types.CodeAction(
         title="Rewrite selection…",
         kind=types.CodeActionKind.RefactorRewrite,
-        command=types.Command("Rewrite selection…", CMD_REWRITE, [uri, _range_json(rng)]),
+        command=types.Command(title="Rewrite selection…", command=CMD_REWRITE, arguments=[uri, _range_json(rng)]),
     )]
 
 
@@ -289,10 +296,10 @@ async def rewrite(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
     try:
         if instruction.strip():
             res = await ls.backend.edit(prefix, selection, suffix, instruction, document=uri,
-                                        strength=s.strength, seed=s.seed)
+                                        strength=s.strength, seed=s.seed, sampler=s.sampler)
         else:
             res = await ls.backend.fill(prefix, suffix, document=uri, max_tokens=s.max_tokens_invoked,
-                                        n=s.n, seed=s.seed)
+                                        n=s.n, seed=s.seed, sampler=s.sampler)
     except BackendError as exc:
         ls.reporter.request_failed(exc, always=True)
         return {"applied": False, "error": exc.code, "message": exc.message}
@@ -318,7 +325,7 @@ async def fill(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
     ls.reporter.busy("Filling")
     try:
         res = await ls.backend.fill(prompt.prefix, prompt.suffix, document=uri,
-                                    max_tokens=s.max_tokens_invoked, n=s.n, seed=s.seed)
+                                    max_tokens=s.max_tokens_invoked, n=s.n, seed=s.seed, sampler=s.sampler)
     except BackendError as exc:
         ls.reporter.request_failed(exc, always=True)
         return {"applied": False, "error": exc.code, "message": exc.message}
@@ -334,7 +341,8 @@ async def fill(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
 @server.command(CMD_STATUS)
 def status(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
     """The daemon's state as the server last saw it (for status bars)."""
-    return ls.reporter.snapshot()
+    return {**ls.reporter.details(), "cache": {"entries": len(ls.cache), "hits": ls.cache.hits,
+                                               "misses": ls.cache.misses}}
 
 
 def _clean_replacement(text: str, selection: str, document: str) -> str:

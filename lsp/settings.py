@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .context import Budget
@@ -38,6 +38,9 @@ class Settings:
     seed: int | None = None
     # Edit strength: share of the selection renoised before a rewrite.
     strength: float = 0.5
+    # Sampler overrides sent with each request (e.g. {"max_denoising_steps": 16}
+    # for faster, rougher ghost text); the daemon's config supplies the rest.
+    sampler: dict[str, Any] = field(default_factory=dict)
     # Seconds before retrying a daemon whose model failed to load.
     retry_after_s: float = 30.0
 
@@ -65,6 +68,10 @@ class Settings:
                     changes[name] = int(value)
                 elif isinstance(current, float):
                     changes[name] = float(value)
+                elif name == "sampler":
+                    if not isinstance(value, dict):
+                        continue
+                    changes[name] = dict(value)
                 elif name == "seed":
                     changes[name] = None if value is None else int(value)
                 else:

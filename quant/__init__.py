@@ -1,1 +1,42 @@
+"""4-bit weights for DiffusionGemma: NVFP4 / NF4 formats, quantized experts, checkpoints, memory plan.
 
+Modules (each one job):
+  formats     NVFP4 and NF4 quantize / dequantize / pack in plain torch
+  modules     QuantizedExperts (drop-in for DiffusionGemmaTextExperts), QuantLinear
+  apply       quantize_model: in-place quantization, tied encoder/decoder weights shared
+  reader      safetensors access and checkpoint format detection
+  layouts     tensor names of each checkpoint format (dgemma, ModelOpt, compressed-tensors)
+  checkpoint  is_quantized_checkpoint / load_quantized_into (used by dgemma.daemon.loading)
+  writer      save_quantized
+  meta        config loading and meta-device model construction
+  plan        memory plan from a config
+  cli         `dgemma quantize` and `dgemma plan`
+
+Nothing heavy is imported here, so `dgemma.quant.cli` registers its commands cheaply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "quantize_model": "dgemma.quant.apply",
+    "is_quantized_checkpoint": "dgemma.quant.checkpoint",
+    "load_quantized_into": "dgemma.quant.checkpoint",
+    "save_quantized": "dgemma.quant.writer",
+    "QuantizedExperts": "dgemma.quant.modules",
+    "QuantLinear": "dgemma.quant.modules",
+    "quantize": "dgemma.quant.formats",
+    "dequantize": "dgemma.quant.formats",
+    "QuantizedWeight": "dgemma.quant.formats",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dgemma.quant' has no attribute {name!r}")

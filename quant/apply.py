@@ -73,6 +73,8 @@ def quantize_model(
         q = QuantizedExperts.from_experts(slots[0][0].get_submodule(slots[0][1]), fmt)
         for parent, attr, _ in slots:
             setattr(parent, attr, q)
+    if experts:
+        drop_expert_ties(model)
     if dense is not None:
         linears = [g for g in tied_groups(model, "linear") if dense_candidate(g[1][0][2])]
         for _, slots in tqdm(linears, desc=f"linear -> {dense}", disable=not progress):
@@ -81,6 +83,20 @@ def quantize_model(
             for parent, attr, _ in slots:
                 setattr(parent, attr, q)
     return model
+
+
+def drop_expert_ties(model: nn.Module) -> None:
+    """Forget transformers' encoder/decoder tie rules for the 3-D expert parameters.
+
+    Those rules name `gate_up_proj` / `down_proj` tensors, which a quantized experts module
+    no longer has, so a later `model.tie_weights()` would raise. The quantized module is
+    already one object shared by both sides, which is what the tie was for."""
+    for module in model.modules():
+        keys = getattr(module, "_tied_weights_keys", None)
+        if isinstance(keys, dict) and any(k.endswith(("gate_up_proj", "down_proj")) for k in keys):
+            module._tied_weights_keys = {
+                k: v for k, v in keys.items() if not k.endswith(("gate_up_proj", "down_proj"))
+            }
 
 
 def linear_to_nf4(linear: nn.Linear) -> nn.Module:

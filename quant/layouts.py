@@ -60,13 +60,18 @@ def bnb_state(store: TensorStore, name: str) -> tuple[torch.Tensor, dict[str, to
 
 
 def read_experts(
-    store: TensorStore, fmt: str, name: str, num_experts: int
+    store: TensorStore, fmt: str, name: str, shapes: tuple[tuple[int, ...], tuple[int, ...]]
 ) -> tuple[QuantizedWeight, QuantizedWeight] | None:
-    """(gate_up [E, 2I, H], down [E, H, I]) for the experts module `name`, or None if dense."""
+    """(gate_up [E, 2I, H], down [E, H, I]) for the experts module `name`, or None if stored dense.
+
+    `shapes` are the model's (gate_up_proj, down_proj) shapes."""
+    num_experts = shapes[0][0]
     if fmt == DGEMMA:
         if f"{name}.gate_up_q.packed" not in store:
             return None
         return read_packed(store, f"{name}.gate_up_q"), read_packed(store, f"{name}.down_q")
+    if fmt == MODELOPT and f"{name}.gate_up_proj_weight_scale" in store:
+        return _read_fused_modelopt(store, name, shapes)
     if fmt not in (MODELOPT, COMPRESSED_TENSORS) or read_linear(store, fmt, f"{name}.0.gate_proj") is None:
         return None
     gate_up, down = [], []
@@ -81,6 +86,29 @@ def read_experts(
         ))
         down.append(d)
     return stack_weights(gate_up), stack_weights(down)
+
+
+def _read_fused_modelopt(
+    store: TensorStore, name: str, shapes: tuple[tuple[int, ...], tuple[int, ...]]
+) -> tuple[QuantizedWeight, QuantizedWeight]:
+    """ModelOpt's export of fused 3-D experts: `<experts>.gate_up_proj` uint8 [E, 2I, H/2] with
+    `_weight_scale` E4M3 [E, 2I, H/16] and `_weight_scale_2` per expert ([E], or [E, 2] for gate/up).
+    Llama-4-style exports store [E, in/2, out]; transposing bytes keeps nibble pairs intact."""
+    out = []
+    for proj, (e, n, k) in zip(("gate_up_proj", "down_proj"), shapes):
+        packed = store.get(f"{name}.{proj}")
+        scales = store.get(f"{name}.{proj}_weight_scale")
+        if tuple(packed.shape) == (e, k // 2, n):
+            packed, scales = packed.transpose(-1, -2).contiguous(), scales.transpose(-1, -2).contiguous()
+        if tuple(packed.shape) != (e, n, k // 2) or tuple(scales.shape) != (e, n, k // 16):
+            raise CheckpointError(f"{name}.{proj}: packed {tuple(packed.shape)} / scales {tuple(scales.shape)} "
+                                  f"do not hold an NVFP4 [{e}, {n}, {k}] weight")
+        g = store.get(f"{name}.{proj}_weight_scale_2").float().reshape(-1)
+        g = g.expand(e) if g.numel() == 1 else g
+        if g.numel() % e:
+            raise CheckpointError(f"{name}.{proj}_weight_scale_2 has {g.numel()} values for {e} experts")
+        out.append(QuantizedWeight("nvfp4", packed.to(torch.uint8), scales.to(E4M3), g.reshape(e, -1).contiguous()))
+    return out[0], out[1]
 
 
 # ---------------------------------------------------------------------------- write
@@ -111,9 +139,22 @@ def write_linear(fmt: str, name: str, q: QuantizedWeight) -> dict[str, torch.Ten
     }
 
 
-def write_experts(fmt: str, name: str, gate_up: QuantizedWeight, down: QuantizedWeight) -> dict[str, torch.Tensor]:
+def write_experts(
+    fmt: str, name: str, gate_up: QuantizedWeight, down: QuantizedWeight, fused: bool = False
+) -> dict[str, torch.Tensor]:
+    """Experts in `fmt`; `fused` writes ModelOpt's 3-D layout instead of one Linear per expert."""
     if fmt == DGEMMA:
         return {**write_packed(f"{name}.gate_up_q", gate_up), **write_packed(f"{name}.down_q", down)}
+    if fused:
+        if fmt != MODELOPT:
+            raise CheckpointError("only the ModelOpt layout has fused 3-D experts")
+        out = {}
+        for proj, q in (("gate_up_proj", gate_up), ("down_proj", down)):
+            g = q.global_scale.float()
+            out.update({f"{name}.{proj}": q.packed, f"{name}.{proj}_weight_scale": q.scales,
+                        f"{name}.{proj}_weight_scale_2": g.reshape(-1) if g.shape[-1] == 1 else g,
+                        f"{name}.{proj}_input_scale": torch.ones(q.packed.shape[0])})
+        return out
     out: dict[str, torch.Tensor] = {}
     inter = gate_up.shape[1] // 2
     for e in range(gate_up.shape[0]):

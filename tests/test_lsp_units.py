@@ -122,3 +122,18 @@ def test_settings_merge() -> None:
     assert s.debounce_ms == 50 and s.seed == 3 and s.max_line_suffix == Settings().max_line_suffix
     assert Settings().merged(None) == Settings()
     assert s.budget.prefix_tokens == Settings().prefix_tokens
+
+
+def test_rewrite_replacement_keeps_the_document_style() -> None:
+    from dgemma.lsp.server import _clean_replacement, _command_args
+
+    doc = "func f() {\n\tx := 1\n}\n"
+    # The selection ended with a newline: so does the replacement; tabs as in the document.
+    assert _clean_replacement("if x {\n        y()\n}", "\tx := 1\n", doc) == "if x {\n\t\ty()\n}\n"
+    # The selection did not: no newline is added at its end.
+    assert _clean_replacement("a + b\n", "a+b", "x = a+b\n") == "a + b"
+    assert _clean_replacement("a\nb", "a\n", "a\r\nc\r\n") == "a\r\nb\r\n"
+    args = _command_args(("file:///a", {"start": 1}, "go"), ("uri", "range", "instruction"))
+    assert args == {"uri": "file:///a", "range": {"start": 1}, "instruction": "go"}
+    one = _command_args(({"uri": "u", "range": {}},), ("uri", "range", "instruction"))
+    assert one == {"uri": "u", "range": {}}

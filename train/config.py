@@ -27,7 +27,14 @@ PRESETS = {
 }
 
 
+MAX_POSITIONS = 2048  # the context the engine accepts (prompt + canvases)
+SLIDING_WINDOW = 128
+
+
 def model_config(preset: str = "small") -> DiffusionGemmaConfig:
+    """Sliding layers look back SLIDING_WINDOW tokens, the distances training covers; only
+    the last (full attention) layer sees further, and training mixes in some long prompts
+    for it (train.data, long_prefix)."""
     hidden, layers, heads, kv, head_dim, ffn, experts, top_k, expert_ffn = PRESETS[preset]
     layer_types = ["sliding_attention"] * layers
     layer_types[-1] = "full_attention"
@@ -43,8 +50,8 @@ def model_config(preset: str = "small") -> DiffusionGemmaConfig:
         head_dim=head_dim,
         global_head_dim=head_dim,
         num_global_key_value_heads=kv,
-        max_position_embeddings=4096,
-        sliding_window=256,
+        max_position_embeddings=MAX_POSITIONS,
+        sliding_window=SLIDING_WINDOW,
         layer_types=layer_types,
         num_experts=experts,
         top_k_experts=top_k,

@@ -55,8 +55,9 @@ def chat_prompt(tok, instruction: str) -> list[int]:
 
 
 class ExampleMaker:
-    def __init__(self, tok, sources: list[tuple[str, str]], max_prefix: int = 192,
-                 canvas: int = CANVAS_LENGTH, seed: int = 0):
+    def __init__(self, tok, sources: list[tuple[str, str]], max_prefix: int = 128,
+                 canvas: int = CANVAS_LENGTH, seed: int = 0, long_prefix: int = 384,
+                 long_frac: float = 0.06):
         self.tok = tok
         self.texts = [t for _, t in sources]
         self.cum = []
@@ -66,6 +67,8 @@ class ExampleMaker:
             self.cum.append(total)
         self.total = total
         self.max_prefix = max_prefix
+        self.long_prefix = long_prefix
+        self.long_frac = long_frac
         self.C = canvas
         self.rng = random.Random(seed)
         self.templates = {i: chat_prompt(tok, i) for i in INSTRUCTIONS}
@@ -133,8 +136,9 @@ class ExampleMaker:
                 out.insert(j, out[j])
         return out
 
-    def make(self, kind: str) -> Example:
+    def make(self, kind: str, cap: int | None = None) -> Example:
         C = self.C
+        cap = cap or self.max_prefix
         text, starts = self.pick_text()
         a, b = self.cut(text, starts, kind)
         prefix, middle, suffix = text[:a], text[a:b], text[b:]
@@ -143,8 +147,8 @@ class ExampleMaker:
             if b < len(text):
                 middle = middle  # long continuation: only middle[:m] is used
         # prefix: keep the last max_prefix chars' worth (tokens are >= 1 char), tokenize
-        body = self.enc(prefix[-self.max_prefix * 8:])
-        if len(prefix) > self.max_prefix * 8 and body:
+        body = self.enc(prefix[-cap * 8:])
+        if len(prefix) > cap * 8 and body:
             body = body[1:]  # first token may be a cut word
         mid = self.enc(middle)
         suf = self.enc(suffix[: C * 8])[:C]
@@ -164,7 +168,7 @@ class ExampleMaker:
         else:
             base = list(target)
         pinned = [False] * m + [True] * (C - m)
-        body = body[-(self.max_prefix - len(head)):] if self.max_prefix > len(head) else []
+        body = body[-(cap - len(head)):] if cap > len(head) else []
         return Example(kind, head, body, base, target, pinned)
 
 
@@ -192,7 +196,9 @@ class Batcher:
         return KIND_WEIGHTS[-1][0]
 
     def _fill(self) -> None:
-        pool = [self.maker.make(self._kind()) for _ in range(self.bs * self.pool_batches)]
+        mk = self.maker
+        cap = mk.long_prefix if mk.rng.random() < mk.long_frac else mk.max_prefix
+        pool = [mk.make(self._kind(), cap) for _ in range(self.bs * self.pool_batches)]
         pool.sort(key=lambda e: len(e.head) + len(e.body))
         batches = [pool[i: i + self.bs] for i in range(0, len(pool), self.bs)]
         self.maker.rng.shuffle(batches)

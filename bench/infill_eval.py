@@ -1,0 +1,252 @@
+"""Infilling quality of a dgemma model on code it never saw in training.
+
+    python bench/infill_eval.py [--model DIR] [--package click] [--single 100] [--multi 50]
+
+The held-out set is cut (fixed seed) from the sources of an installed third-party package
+(default: click), which is not part of the training corpus (the CPython standard library).
+Each case removes one line (single-line) or 2-4 consecutive lines (multi-line) from a file;
+the model gets the text before it as prefix and the text after it as suffix, through
+dgemma's real engine: ``Engine(load_model()).fill(prefix, suffix).completions[0].text``.
+
+Metrics, on the middle with leading/trailing whitespace stripped:
+  exact match; edit similarity = 1 - Levenshtein / max(len) (as CrossCodeEval reports it);
+  syntax validity = ``ast.parse`` of the whole file after the fill.
+Baselines: an empty middle, and repeating the non-blank line(s) just before the middle (as
+many lines as the middle has). Prints a markdown table; --write-benchmarks puts it in BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime as dt
+import importlib.metadata
+import importlib.util
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Case:
+    kind: str  # "single" | "multi"
+    file: str
+    prefix: str  # the whole file before the middle
+    middle: str
+    suffix: str  # the whole file after the middle
+    previous: str  # the non-blank line(s) just before the middle (baseline)
+
+
+def package_files(package: str) -> tuple[str, list[Path]]:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"package {package!r} is not installed")
+    root = Path(list(spec.submodule_search_locations)[0])
+    version = importlib.metadata.version(package)
+    return version, sorted(root.rglob("*.py"))
+
+
+def make_cases(package: str, n_single: int, n_multi: int, seed: int = 0) -> tuple[str, list[Case]]:
+    version, files = package_files(package)
+    sources = []
+    for p in files:
+        text = p.read_text(encoding="utf-8")
+        try:
+            ast.parse(text)
+        except SyntaxError:
+            continue
+        if text.count("\n") >= 20:
+            sources.append((p.name, text))
+    rng = random.Random(seed)
+    weights = [len(t) for _, t in sources]
+    cases: list[Case] = []
+    seen = set()
+    for kind, want in (("single", n_single), ("multi", n_multi)):
+        got = 0
+        while got < want:
+            name, text = rng.choices(sources, weights)[0]
+            lines = text.split("\n")
+            k = 1 if kind == "single" else rng.randint(2, 4)
+            i = rng.randrange(5, len(lines) - k - 1)
+            block = lines[i:i + k]
+            if (name, i, k) in seen or not block[0].strip() or not block[-1].strip():
+                continue
+            if any(len(line) > 120 for line in block) or sum(bool(line.strip()) for line in block) < k:
+                continue
+            seen.add((name, i, k))
+            prefix = "\n".join(lines[:i]) + "\n"
+            middle = "\n".join(block)
+            suffix = "\n" + "\n".join(lines[i + k:])
+            before = [line for line in lines[:i] if line.strip()]
+            previous = "\n".join(before[-k:])
+            cases.append(Case(kind, name, prefix, middle, suffix, previous))
+            got += 1
+    return version, cases
+
+
+def levenshtein(a: str, b: str) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def edit_similarity(pred: str, ref: str) -> float:
+    pred, ref = pred.strip(), ref.strip()
+    if not pred and not ref:
+        return 1.0
+    return 1.0 - levenshtein(pred, ref) / max(len(pred), len(ref))
+
+
+def parses(text: str) -> bool:
+    try:
+        ast.parse(text)
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
+def window(prefix: str, suffix: str, prefix_chars: int, suffix_chars: int) -> tuple[str, str]:
+    """What an editor sends: the last prefix_chars before the cursor (from a line start) and the
+    first suffix_chars after it (to a line end)."""
+    if len(prefix) > prefix_chars:
+        cut = prefix.find("\n", len(prefix) - prefix_chars)
+        prefix = prefix[cut + 1:] if cut >= 0 else prefix[-prefix_chars:]
+    if len(suffix) > suffix_chars:
+        cut = suffix.rfind("\n", 0, suffix_chars)
+        suffix = suffix[:cut] if cut > 0 else suffix[:suffix_chars]
+    return prefix, suffix
+
+
+def score(cases: list[Case], preds: list[str]) -> dict[str, dict[str, float]]:
+    out = {}
+    for kind in ("single", "multi", "all"):
+        idx = [i for i, c in enumerate(cases) if kind == "all" or c.kind == kind]
+        if not idx:
+            continue
+        em = sum(preds[i].strip() == cases[i].middle.strip() for i in idx) / len(idx)
+        es = sum(edit_similarity(preds[i], cases[i].middle) for i in idx) / len(idx)
+        ok = sum(parses(cases[i].prefix + preds[i] + cases[i].suffix) for i in idx) / len(idx)
+        out[kind] = {"n": len(idx), "em": em, "es": es, "ast": ok}
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    ap.add_argument("--package", default="click")
+    ap.add_argument("--single", type=int, default=100)
+    ap.add_argument("--multi", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0, help="case selection seed")
+    ap.add_argument("--prefix-chars", type=int, default=2000)
+    ap.add_argument("--suffix-chars", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--show", type=int, default=0, help="print the first N cases with predictions")
+    ap.add_argument("--write-benchmarks", action="store_true", help="write the table into BENCHMARKS.md")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from dgemma.daemon.engine import Engine
+    from dgemma.daemon.loading import load_model
+
+    version, cases = make_cases(args.package, args.single, args.multi, args.seed)
+    t0 = time.time()
+    loaded = load_model(args.model)
+    load_s = time.time() - t0
+    engine = Engine(loaded)
+    settings_note = ""
+    gc_file = Path(loaded.path) / "generation_config.json"
+    if gc_file.is_file():
+        from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
+
+        from dgemma.daemon.sampling import SamplerSettings
+
+        shipped = SamplerSettings.from_generation_config(DiffusionGemmaGenerationConfig.from_pretrained(loaded.path))
+        if shipped != engine.settings:
+            # The checkpoint's own sampler defaults are what a user of this model gets.
+            engine = Engine(loaded, settings=shipped)
+            settings_note = " (the checkpoint's generation_config.json, passed to Engine explicitly)"
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    preds, times = [], []
+    for i, c in enumerate(cases):
+        prefix, suffix = window(c.prefix, c.suffix, args.prefix_chars, args.suffix_chars)
+        t = time.time()
+        res = engine.fill(prefix, suffix, max_tokens=64 if c.kind == "single" else 160, seed=i)
+        times.append(time.time() - t)
+        preds.append(res.completions[0].text if res.completions else "")
+        if i < args.show:
+            print(f"--- {c.kind} {c.file}\nREF : {c.middle!r}\nPRED: {preds[-1]!r}")
+    results = {
+        "model": score(cases, preds),
+        "empty middle": score(cases, [""] * len(cases)),
+        "repeat previous line(s)": score(cases, [c.previous for c in cases]),
+    }
+    times.sort()
+    lines = [
+        f"Held-out set: `{args.package}` {version} (site-packages; not in the training corpus), "
+        f"{args.single} single-line + {args.multi} multi-line (2-4 lines) middles, case seed {args.seed}; "
+        f"prefix window {args.prefix_chars} chars, suffix window {args.suffix_chars} chars.",
+        "",
+        "| predictor | EM single | ES single | AST-valid single | EM multi | ES multi | AST-valid multi | EM all | ES all |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        s, m, a = r.get("single", {}), r.get("multi", {}), r["all"]
+        f = lambda d, k: f"{d[k]:.3f}" if d else "-"  # noqa: E731
+        lines.append(f"| {name} | {f(s, 'em')} | {f(s, 'es')} | {f(s, 'ast')} | {f(m, 'em')} | {f(m, 'es')} | "
+                     f"{f(m, 'ast')} | {a['em']:.3f} | {a['es']:.3f} |")
+    lines += [
+        "",
+        f"Model: `{loaded.name}` ({n_params / 1e6:.1f} M parameters loaded, {loaded.dtype}, {loaded.device}), "
+        f"loaded in {load_s:.2f} s; fill latency median {times[len(times) // 2]:.2f} s, "
+        f"p90 {times[int(len(times) * 0.9)]:.2f} s; sampler {engine.settings.to_dict()}{settings_note}.",
+        f"Machine: {torch.get_num_threads()}-thread CPU run, `{cpu_name()}` (shared with other jobs, so latency is noisy); "
+        f"torch {torch.__version__}, Python {sys.version.split()[0]}; {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"Command: `python bench/infill_eval.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if args.write_benchmarks:
+        write_section(table)
+
+
+SECTION = "## Bundled model quality"
+
+
+def write_section(body: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    block = f"{SECTION}\n\n{body}\n"
+    if SECTION in text:
+        start = text.index(SECTION)
+        nxt = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + block + (text[nxt:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,503 @@
+-- dgemma for Neovim: ghost-text completions and rewrites from `dgemma lsp`.
+--
+-- Neovim 0.12+ draws ghost text itself (vim.lsp.inline_completion); on 0.11
+-- this module requests textDocument/inlineCompletion and draws extmarks. The
+-- server debounces, caches and cancels; this side only cancels its own stale
+-- request and keeps the display in step with the cursor.
+local M = {}
+
+local api = vim.api
+local ns = api.nvim_create_namespace('dgemma')
+local METHOD = 'textDocument/inlineCompletion'
+
+M.config = {
+  -- How to start the language server.
+  cmd = { 'dgemma', 'lsp' },
+  -- nil = every normal buffer; or a list such as { 'python', 'lua' }.
+  filetypes = nil,
+  root_markers = { '.git', 'pyproject.toml', 'package.json', 'Cargo.toml', 'go.mod' },
+  -- Ask for ghost text while typing (otherwise only on `trigger`).
+  auto_trigger = true,
+  -- Client-side pause before a request; the server debounces too.
+  debounce_ms = 30,
+  -- Use vim.lsp.inline_completion when the running Neovim has it (0.12+).
+  native = true,
+  -- Passed to the server as initializationOptions (see docs: debounceMs, seed, ...).
+  settings = {},
+  keymaps = {
+    accept = '<Tab>',
+    accept_word = '<M-w>',
+    accept_line = '<M-l>',
+    dismiss = '<C-]>',
+    trigger = '<M-\\>',
+  },
+}
+
+-- Last `dgemma/status` notification: { state, message, model, busy }.
+M.status = nil
+-- Result of the last :DgemmaRewrite, for scripts and tests.
+M.last_rewrite = nil
+
+---@type table<integer, {text: string, row: integer, col: integer, extmark: integer}>
+local suggestions = {}
+---@type table<integer, {client: vim.lsp.Client, id: integer}>
+local pending = {}
+local timers = {}
+-- changedtick right after this module inserted an accepted part: the
+-- TextChangedI that follows is ours, not the user's typing.
+local accepted_tick = {}
+
+local function use_native()
+  return M.config.native and vim.fn.has('nvim-0.12') == 1 and vim.lsp.inline_completion ~= nil
+end
+
+local function get_client(bufnr)
+  return vim.lsp.get_clients({ bufnr = bufnr or 0, name = 'dgemma' })[1]
+end
+
+-- ---- display (0.11 path) ------------------------------------------------------------
+
+local function clear(bufnr)
+  bufnr = bufnr == 0 and api.nvim_get_current_buf() or bufnr
+  local s = suggestions[bufnr]
+  if s and api.nvim_buf_is_valid(bufnr) then
+    pcall(api.nvim_buf_del_extmark, bufnr, ns, s.extmark)
+  end
+  suggestions[bufnr] = nil
+end
+
+local function cancel(bufnr)
+  local p = pending[bufnr]
+  if p then
+    -- Sends $/cancelRequest: the server cancels the daemon request with it.
+    pcall(function() p.client:cancel_request(p.id) end)
+    pending[bufnr] = nil
+  end
+end
+
+local function show(bufnr, row, col, text)
+  clear(bufnr)
+  local lines = vim.split(text, '\n', { plain = true })
+  local virt_lines = {}
+  for i = 2, #lines do
+    virt_lines[#virt_lines + 1] = { { lines[i], 'DgemmaSuggestion' } }
+  end
+  local opts = {
+    virt_text = { { lines[1], 'DgemmaSuggestion' } },
+    virt_text_pos = 'inline',
+    hl_mode = 'combine',
+  }
+  if #virt_lines > 0 then
+    opts.virt_lines = virt_lines
+  end
+  local ok, id = pcall(api.nvim_buf_set_extmark, bufnr, ns, row, col, opts)
+  if ok then
+    suggestions[bufnr] = { text = text, row = row, col = col, extmark = id }
+  end
+end
+
+--- The ghost text shown in a buffer, or nil.
+---@return {text: string, row: integer, col: integer}|nil
+function M.suggestion(bufnr)
+  bufnr = (bufnr == nil or bufnr == 0) and api.nvim_get_current_buf() or bufnr
+  local s = suggestions[bufnr]
+  return s and { text = s.text, row = s.row, col = s.col } or nil
+end
+
+function M.visible(bufnr)
+  return M.suggestion(bufnr) ~= nil
+end
+
+-- ---- requests ---------------------------------------------------------------------
+
+local function item_text(item)
+  local t = item.insertText
+  if type(t) == 'table' then
+    t = t.value
+  end
+  return t
+end
+
+--- Ask the server for ghost text at the cursor.
+---@param kind? integer 1 invoked (default), 2 automatic
+function M.trigger(kind)
+  kind = kind or 1
+  local bufnr = api.nvim_get_current_buf()
+  if use_native() then
+    if kind == 1 then
+      vim.lsp.inline_completion.get({ bufnr = bufnr })
+    end
+    return
+  end
+  local client = get_client(bufnr)
+  if not client then
+    return
+  end
+  cancel(bufnr)
+  local win = api.nvim_get_current_win()
+  local cursor = api.nvim_win_get_cursor(win)
+  local tick = api.nvim_buf_get_changedtick(bufnr)
+  local params = vim.lsp.util.make_position_params(win, client.offset_encoding)
+  params.context = { triggerKind = kind }
+  local ok, id = client:request(METHOD, params, function(err, result)
+    if pending[bufnr] and pending[bufnr].id == id then
+      pending[bufnr] = nil
+    end
+    if err or not result then
+      return
+    end
+    -- Stale: the user typed or moved on since the request went out.
+    if not api.nvim_buf_is_valid(bufnr) or api.nvim_buf_get_changedtick(bufnr) ~= tick then
+      return
+    end
+    local now = api.nvim_win_is_valid(win) and api.nvim_win_get_cursor(win) or nil
+    if not now or now[1] ~= cursor[1] or now[2] ~= cursor[2] then
+      return
+    end
+    local items = result.items or result
+    local item = items and items[1]
+    local text = item and item_text(item)
+    if not text or text == '' then
+      return
+    end
+    local row, col = cursor[1] - 1, cursor[2]
+    if item.range then
+      local line = api.nvim_buf_get_lines(bufnr, item.range.start.line, item.range.start.line + 1, false)[1] or ''
+      row = item.range.start.line
+      col = vim.str_byteindex(line, client.offset_encoding, item.range.start.character, false)
+    end
+    show(bufnr, row, col, text)
+  end, bufnr)
+  if ok and id then
+    pending[bufnr] = { client = client, id = id }
+  end
+end
+
+local function schedule_trigger(bufnr)
+  if timers[bufnr] then
+    timers[bufnr]:stop()
+  else
+    timers[bufnr] = vim.uv.new_timer()
+  end
+  timers[bufnr]:start(M.config.debounce_ms, 0, vim.schedule_wrap(function()
+    if api.nvim_get_current_buf() == bufnr and vim.fn.mode():sub(1, 1) == 'i' then
+      M.trigger(2)
+    end
+  end))
+end
+
+-- ---- accepting ----------------------------------------------------------------------
+
+-- Insert `part` of the suggestion and keep the rest on screen.
+local function insert_part(bufnr, part)
+  local s = suggestions[bufnr]
+  if not s or part == '' then
+    return false
+  end
+  local rest = s.text:sub(#part + 1)
+  local lines = vim.split(part, '\n', { plain = true })
+  clear(bufnr)
+  api.nvim_buf_set_text(bufnr, s.row, s.col, s.row, s.col, lines)
+  accepted_tick[bufnr] = api.nvim_buf_get_changedtick(bufnr)
+  local end_row = s.row + #lines - 1
+  local end_col = (#lines == 1 and s.col or 0) + #lines[#lines]
+  local win = vim.fn.bufwinid(bufnr)
+  if win ~= -1 then
+    api.nvim_win_set_cursor(win, { end_row + 1, end_col })
+  end
+  if rest ~= '' then
+    show(bufnr, end_row, end_col, rest)
+  end
+  return true
+end
+
+--- Accept the whole suggestion. Returns false when there was none.
+function M.accept()
+  local bufnr = api.nvim_get_current_buf()
+  if use_native() then
+    return vim.lsp.inline_completion.get({ bufnr = bufnr }) and true or false
+  end
+  local s = suggestions[bufnr]
+  return s ~= nil and insert_part(bufnr, s.text)
+end
+
+--- The next word of a suggestion (leading blanks included).
+function M._next_word(text)
+  return text:match('^%s*[%w_]+') or text:match('^%s*[^%w_%s]+') or text:match('^%s+') or text
+end
+
+--- The next line of a suggestion: up to its newline, or through the next line
+--- when the suggestion starts with one.
+function M._next_line(text)
+  if text:sub(1, 1) == '\n' then
+    local nl = text:find('\n', 2, true)
+    return nl and text:sub(1, nl - 1) or text
+  end
+  local nl = text:find('\n', 1, true)
+  return nl and text:sub(1, nl - 1) or text
+end
+
+local function accept_part(pick)
+  local bufnr = api.nvim_get_current_buf()
+  if use_native() then
+    -- Native ghost text: take the item and insert only part of it ourselves.
+    local ok = pcall(vim.lsp.inline_completion.get, {
+      bufnr = bufnr,
+      on_accept = function(item)
+        local text = item_text(item) or ''
+        local part = pick(text)
+        local row, col = unpack(api.nvim_win_get_cursor(0))
+        local lines = vim.split(part, '\n', { plain = true })
+        api.nvim_buf_set_text(bufnr, row - 1, col, row - 1, col, lines)
+        api.nvim_win_set_cursor(0, { row + #lines - 1, (#lines == 1 and col or 0) + #lines[#lines] })
+      end,
+    })
+    return ok
+  end
+  local s = suggestions[bufnr]
+  return s ~= nil and insert_part(bufnr, pick(s.text))
+end
+
+function M.accept_word()
+  return accept_part(M._next_word)
+end
+
+function M.accept_line()
+  return accept_part(M._next_line)
+end
+
+function M.dismiss()
+  local bufnr = api.nvim_get_current_buf()
+  cancel(bufnr)
+  if use_native() then
+    -- No dismiss in the native API: toggling the feature drops the candidate.
+    pcall(vim.lsp.inline_completion.enable, false, { bufnr = bufnr })
+    pcall(vim.lsp.inline_completion.enable, true, { bufnr = bufnr })
+    return
+  end
+  clear(bufnr)
+end
+
+-- ---- rewrite ------------------------------------------------------------------------
+
+local function utf_col(line, byte_col, encoding)
+  byte_col = math.min(byte_col, #line)
+  return vim.str_utfindex(line, encoding, byte_col, false)
+end
+
+--- Rewrite lines `line1..line2` (1-based, inclusive) with an instruction; with a
+--- charwise visual selection on those lines, only the selected text.
+---@param opts {line1: integer, line2: integer, args?: string, charwise?: boolean}
+function M.rewrite(opts)
+  local bufnr = api.nvim_get_current_buf()
+  local client = get_client(bufnr)
+  if not client then
+    vim.notify('dgemma: the language server is not attached to this buffer', vim.log.levels.WARN)
+    return
+  end
+  local enc = client.offset_encoding
+  local lines = api.nvim_buf_get_lines(bufnr, 0, -1, false)
+  local l1, l2 = opts.line1, opts.line2
+  local range
+  if opts.charwise then
+    local s, e = vim.fn.getpos("'<"), vim.fn.getpos("'>")
+    local sl, el = lines[s[2]] or '', lines[e[2]] or ''
+    -- '> points at the last selected character: include all of its bytes.
+    local last = vim.str_utf_end(el, e[3]) + e[3]
+    range = {
+      start = { line = s[2] - 1, character = utf_col(sl, s[3] - 1, enc) },
+      ['end'] = { line = e[2] - 1, character = utf_col(el, last, enc) },
+    }
+  elseif l2 < #lines then
+    range = { start = { line = l1 - 1, character = 0 }, ['end'] = { line = l2, character = 0 } }
+  else
+    range = {
+      start = { line = l1 - 1, character = 0 },
+      ['end'] = { line = l2 - 1, character = utf_col(lines[l2] or '', #(lines[l2] or ''), enc) },
+    }
+  end
+
+  local function run(instruction)
+    if instruction == nil then
+      return -- prompt cancelled
+    end
+    M.last_rewrite = nil
+    local params = {
+      command = 'dgemma.rewrite',
+      arguments = { vim.uri_from_bufnr(bufnr), range, instruction },
+    }
+    vim.notify('dgemma: rewriting…', vim.log.levels.INFO)
+    client:request('workspace/executeCommand', params, function(err, result)
+      M.last_rewrite = result or { applied = false, message = err and err.message or 'no result' }
+      if err then
+        vim.notify('dgemma: ' .. (err.message or 'rewrite failed'), vim.log.levels.ERROR)
+      elseif result and not result.applied then
+        vim.notify('dgemma: ' .. (result.message or 'nothing to apply'), vim.log.levels.WARN)
+      end
+      api.nvim_exec_autocmds('User', { pattern = 'DgemmaRewriteDone', modeline = false })
+    end, bufnr)
+  end
+
+  if opts.args and opts.args ~= '' then
+    run(opts.args)
+  else
+    vim.ui.input({ prompt = 'Rewrite instruction (empty: regenerate): ' }, run)
+  end
+end
+
+-- ---- attaching --------------------------------------------------------------------
+
+function M.statusline()
+  local s = M.status
+  if not s then
+    return ''
+  end
+  if s.busy then
+    return 'dgemma …'
+  end
+  local icons = { ready = 'dgemma', starting = 'dgemma ⟳', loading = 'dgemma ⟳', error = 'dgemma ✗' }
+  return icons[s.state] or ('dgemma ' .. tostring(s.state))
+end
+
+local function capabilities()
+  local caps = vim.lsp.protocol.make_client_capabilities()
+  -- Tell the server we show ghost text ourselves on 0.11 too, so it does not
+  -- also answer textDocument/completion with the same text.
+  caps.textDocument.inlineCompletion = caps.textDocument.inlineCompletion or { dynamicRegistration = false }
+  return caps
+end
+
+local function wanted(bufnr)
+  if vim.bo[bufnr].buftype ~= '' or not vim.bo[bufnr].modifiable then
+    return false
+  end
+  local fts = M.config.filetypes
+  if not fts then
+    return vim.bo[bufnr].filetype ~= ''
+  end
+  return vim.tbl_contains(fts, vim.bo[bufnr].filetype)
+end
+
+function M.attach(bufnr)
+  bufnr = (bufnr == nil or bufnr == 0) and api.nvim_get_current_buf() or bufnr
+  if not wanted(bufnr) then
+    return
+  end
+  local root = vim.fs.root(bufnr, M.config.root_markers) or vim.fn.getcwd()
+  vim.lsp.start({
+    name = 'dgemma',
+    cmd = M.config.cmd,
+    root_dir = root,
+    init_options = M.config.settings,
+    settings = { dgemma = M.config.settings },
+    capabilities = capabilities(),
+    handlers = {
+      ['dgemma/status'] = function(_, result)
+        M.status = result
+        pcall(api.nvim_exec_autocmds, 'User', { pattern = 'DgemmaStatus', modeline = false })
+      end,
+    },
+  }, { bufnr = bufnr })
+end
+
+local function on_lsp_attach(args)
+  local client = vim.lsp.get_client_by_id(args.data.client_id)
+  if not client or client.name ~= 'dgemma' then
+    return
+  end
+  if use_native() and M.config.auto_trigger then
+    vim.lsp.inline_completion.enable(true, { bufnr = args.buf })
+  end
+end
+
+local function map_keys()
+  local km = M.config.keymaps or {}
+  local function expr_map(lhs, fn, desc)
+    if not lhs then
+      return
+    end
+    vim.keymap.set('i', lhs, function()
+      if M.visible() or (use_native() and lhs ~= km.accept) then
+        -- Buffer edits are not allowed while an <expr> mapping is evaluated.
+        vim.schedule(fn)
+        return ''
+      end
+      return vim.keycode(lhs)
+    end, { expr = true, replace_keycodes = false, desc = desc })
+  end
+  if km.accept then
+    vim.keymap.set('i', km.accept, function()
+      if use_native() then
+        -- Neovim's documented pattern: get() accepts when a candidate is shown.
+        if vim.lsp.inline_completion.get() then
+          return ''
+        end
+        return vim.keycode(km.accept)
+      end
+      if M.visible() then
+        vim.schedule(M.accept)
+        return ''
+      end
+      return vim.keycode(km.accept)
+    end, { expr = true, replace_keycodes = false, desc = 'dgemma: accept suggestion' })
+  end
+  expr_map(km.accept_word, M.accept_word, 'dgemma: accept next word')
+  expr_map(km.accept_line, M.accept_line, 'dgemma: accept next line')
+  expr_map(km.dismiss, M.dismiss, 'dgemma: dismiss suggestion')
+  if km.trigger then
+    vim.keymap.set('i', km.trigger, function() M.trigger(1) end, { desc = 'dgemma: suggest here' })
+  end
+end
+
+function M.setup(opts)
+  M.config = vim.tbl_deep_extend('force', M.config, opts or {})
+  api.nvim_set_hl(0, 'DgemmaSuggestion', { link = 'Comment', default = true })
+  local group = api.nvim_create_augroup('dgemma', { clear = true })
+  api.nvim_create_autocmd({ 'FileType', 'BufEnter' }, {
+    group = group,
+    callback = function(args) M.attach(args.buf) end,
+  })
+  api.nvim_create_autocmd('LspAttach', { group = group, callback = on_lsp_attach })
+  if not use_native() then
+    api.nvim_create_autocmd('TextChangedI', {
+      group = group,
+      callback = function(args)
+        if accepted_tick[args.buf] == api.nvim_buf_get_changedtick(args.buf) then
+          return
+        end
+        clear(args.buf)
+        if M.config.auto_trigger and get_client(args.buf) then
+          schedule_trigger(args.buf)
+        end
+      end,
+    })
+    api.nvim_create_autocmd('CursorMovedI', {
+      group = group,
+      callback = function(args)
+        local s = suggestions[args.buf]
+        if s then
+          local c = api.nvim_win_get_cursor(0)
+          if c[1] - 1 ~= s.row or c[2] ~= s.col then
+            clear(args.buf)
+          end
+        end
+      end,
+    })
+    api.nvim_create_autocmd({ 'InsertLeave', 'BufLeave' }, {
+      group = group,
+      callback = function(args)
+        cancel(args.buf)
+        clear(args.buf)
+      end,
+    })
+  end
+  map_keys()
+  -- Buffers opened before setup (lazy loading) get the server too.
+  for _, b in ipairs(api.nvim_list_bufs()) do
+    if api.nvim_buf_is_loaded(b) then
+      M.attach(b)
+    end
+  end
+end
+
+return M

@@ -1,0 +1,134 @@
+// VS Code side of dgemma: starts `dgemma lsp`, lets vscode-languageclient register
+// inline completion (ghost text), and adds the rewrite command and a status bar item.
+import * as vscode from "vscode";
+import {
+  ExecuteCommandRequest,
+  LanguageClient,
+  LanguageClientOptions,
+  ServerOptions,
+  State,
+} from "vscode-languageclient/node";
+
+import {
+  DaemonStatus,
+  needsInstruction,
+  rewriteArguments,
+  rewriteOutcome,
+  serverCommand,
+  serverOptions,
+  statusView,
+  withInstruction,
+} from "./logic";
+
+let client: LanguageClient | undefined;
+let statusItem: vscode.StatusBarItem;
+let lastStatus: DaemonStatus | undefined;
+
+function settings(): Record<string, unknown> {
+  const cfg = vscode.workspace.getConfiguration("dgemma");
+  const out: Record<string, unknown> = {};
+  for (const key of Object.keys(cfg)) {
+    if (typeof (cfg as unknown as Record<string, unknown>)[key] !== "function") out[key] = cfg.get(key);
+  }
+  return out;
+}
+
+function showStatus(status: DaemonStatus | undefined): void {
+  lastStatus = status;
+  const view = statusView(status);
+  statusItem.text = view.text;
+  statusItem.tooltip = view.tooltip;
+  statusItem.backgroundColor = view.error ? new vscode.ThemeColor("statusBarItem.errorBackground") : undefined;
+  statusItem.show();
+}
+
+async function askInstruction(): Promise<string | undefined> {
+  return vscode.window.showInputBox({
+    title: "dgemma: Rewrite selection",
+    prompt: "Instruction (leave empty to regenerate the selection)",
+    placeHolder: "e.g. add type hints",
+  });
+}
+
+async function startClient(context: vscode.ExtensionContext): Promise<void> {
+  const cmd = serverCommand(vscode.workspace.getConfiguration("dgemma").get("serverCommand"));
+  const server: ServerOptions = { command: cmd.command, args: cmd.args };
+  const options: LanguageClientOptions = {
+    documentSelector: [{ scheme: "file" }, { scheme: "untitled" }],
+    initializationOptions: serverOptions(settings()),
+    synchronize: { configurationSection: "dgemma" },
+    middleware: {
+      // The server's "Rewrite selection…" code action carries no instruction:
+      // ask for one here, where there is a UI to ask with.
+      executeCommand: async (command, args, next) => {
+        if (needsInstruction(command, args)) {
+          const instruction = await askInstruction();
+          if (instruction === undefined) return undefined;
+          args = withInstruction(args, instruction);
+        }
+        const result = await next(command, args);
+        const problem = command.startsWith("dgemma.") && command !== "dgemma.status" ? rewriteOutcome(result) : undefined;
+        if (problem) void vscode.window.showWarningMessage(problem);
+        return result;
+      },
+    },
+  };
+  client = new LanguageClient("dgemma", "dgemma", server, options);
+  client.onDidChangeState((e) => {
+    if (e.newState === State.Stopped) showStatus(undefined);
+  });
+  await client.start();
+  context.subscriptions.push(client.onNotification("dgemma/status", (s: DaemonStatus) => showStatus(s)));
+}
+
+async function rewriteSelection(): Promise<void> {
+  const editor = vscode.window.activeTextEditor;
+  if (!editor || !client) return;
+  const sel = editor.selection;
+  if (sel.isEmpty) {
+    void vscode.window.showInformationMessage("dgemma: select the code to rewrite first");
+    return;
+  }
+  const instruction = await askInstruction();
+  if (instruction === undefined) return;
+  const range = client.code2ProtocolConverter.asRange(sel);
+  const args = rewriteArguments(editor.document.uri.toString(), range, instruction);
+  const result = await vscode.window.withProgress(
+    { location: vscode.ProgressLocation.Notification, title: "dgemma: rewriting…", cancellable: true },
+    (_progress, token) =>
+      client!.sendRequest(ExecuteCommandRequest.type, { command: "dgemma.rewrite", arguments: args }, token),
+  );
+  const problem = rewriteOutcome(result);
+  if (problem) void vscode.window.showWarningMessage(problem);
+}
+
+export async function activate(context: vscode.ExtensionContext): Promise<void> {
+  statusItem = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
+  statusItem.command = "dgemma.showStatus";
+  context.subscriptions.push(statusItem);
+  showStatus({ state: "starting", message: "Starting the language server" });
+
+  context.subscriptions.push(
+    vscode.commands.registerCommand("dgemma.rewriteSelection", rewriteSelection),
+    vscode.commands.registerCommand("dgemma.showStatus", () => {
+      const view = statusView(lastStatus);
+      void vscode.window.showInformationMessage(view.tooltip);
+    }),
+    vscode.commands.registerCommand("dgemma.restartServer", async () => {
+      await client?.stop();
+      await startClient(context);
+    }),
+  );
+  try {
+    await startClient(context);
+  } catch (err) {
+    showStatus({ state: "error", message: String(err) });
+    void vscode.window.showErrorMessage(
+      `dgemma: cannot start the language server (${String(err)}). Is \`dgemma\` on PATH? See the dgemma.serverCommand setting.`,
+    );
+  }
+}
+
+export async function deactivate(): Promise<void> {
+  await client?.stop();
+}

@@ -1,0 +1,308 @@
+"""The server in this process with a scripted engine: fairness, supersede, cancel,
+failures inside the engine, model load errors and live config reload, deterministically."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dgemma.daemon.client import AsyncClient
+from dgemma.daemon.config import Config, load_config
+from dgemma.daemon.errors import DgemmaError
+from dgemma.daemon.server import Server
+from test_daemon_util import short_tmp
+
+
+@dataclass
+class _C:
+    text: str
+    score: float = 0.0
+
+
+@dataclass
+class _R:
+    completions: list
+    steps: int
+    ms: float = 1.0
+    cached_tokens: int = 0
+    prompt_tokens: int = 0
+    canvases: int = 1
+
+
+@dataclass
+class _D:
+    text: str
+    step: int
+    canvas: int = 0
+
+
+class _Loaded:
+    name = "fake"
+    device = "cpu"
+
+
+class FakeEngine:
+    """Steps until cancelled; a prefix starting with "gate" holds the worker until
+    `gate` is set, so tests can line requests up behind it."""
+
+    def __init__(self) -> None:
+        self.loaded = _Loaded()
+        self.order: list[str] = []
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.cancel_seen: list[str] = []
+
+    def fill(self, prefix: str, suffix: str, *, n: int = 1, max_tokens: int = 256, seed: Any = None,
+             settings: Any = None, on_step: Any = None, cancel: Any = None, deadline: Any = None,
+             **_: Any) -> _R:
+        if prefix == "boom":
+            raise RuntimeError("kaboom")
+        if prefix == "oom":
+            import torch
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        steps = (settings or {}).get("max_denoising_steps", 3)
+        self.started.set()
+        for step in range(steps):
+            if prefix.startswith("gate"):
+                while not self.gate.wait(0.01):
+                    if cancel is not None and cancel.is_set():
+                        break
+            if cancel is not None and cancel.is_set():
+                self.cancel_seen.append(prefix)
+                raise DgemmaError("cancelled", "cancelled")
+            if on_step is not None:
+                on_step(_D(f"{prefix}:{step}", step))
+            time.sleep(0.002)
+        self.order.append(prefix)
+        return _R([_C(prefix.upper())], steps)
+
+    def edit(self, prefix: str, selection: str, suffix: str, instruction: str, **kw: Any) -> _R:
+        return self.fill(prefix + selection, suffix, **kw)
+
+
+@pytest.fixture
+async def served():
+    """A running in-process server with a FakeEngine; yields (server, engine, socket)."""
+    root = short_tmp("dgs-")
+    engine = FakeEngine()
+    cfg_file = root / "cfg" / "config.toml"
+    cfg_file.parent.mkdir(parents=True)
+    server = Server(Config(), socket=root / "run" / "d.sock", config_file=cfg_file,
+                    engine_factory=lambda config, spec, device: engine)
+    await server.start()
+    yield server, engine, server.socket
+    engine.gate.set()
+    await server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+async def _client(sock: Path) -> AsyncClient:
+    return await AsyncClient.connect(sock, autostart=False)
+
+
+async def _wait(pred, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_clients_are_served_round_robin(served):
+    server, engine, sock = served
+    a, b = await _client(sock), await _client(sock)
+    try:
+        gate = asyncio.create_task(a.request("fill", {"prefix": "gate"}))
+        await _wait(engine.started.is_set)
+        a_jobs = [asyncio.create_task(a.request("fill", {"prefix": f"a{i}"})) for i in range(3)]
+        await _wait(lambda: server.scheduler.depth() == 3)
+        b_job = asyncio.create_task(b.request("fill", {"prefix": "b0"}))
+        await _wait(lambda: server.scheduler.depth() == 4)
+        engine.gate.set()
+        await asyncio.gather(gate, *a_jobs, b_job)
+        # b0 arrived last but its client had not been served: it goes right after the gate.
+        assert engine.order == ["gate", "b0", "a0", "a1", "a2"]
+        assert (await b_job)["completions"][0]["text"] == "B0"
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_supersede_queued_and_running(served):
+    server, engine, sock = served
+    c = await _client(sock)
+    try:
+        running = asyncio.create_task(c.request("fill", {"prefix": "gate-x", "document": "x"}))
+        await _wait(engine.started.is_set)
+        q1 = asyncio.create_task(c.request("fill", {"prefix": "y1", "document": "y"}))
+        await _wait(lambda: server.scheduler.depth() == 1)
+        q2 = asyncio.create_task(c.request("fill", {"prefix": "y2", "document": "y"}))
+        with pytest.raises(DgemmaError) as exc:
+            await q1
+        assert exc.value.code == "superseded"
+        x2 = asyncio.create_task(c.request("fill", {"prefix": "x2", "document": "x"}))
+        with pytest.raises(DgemmaError) as exc:
+            await running
+        assert exc.value.code == "superseded"
+        assert (await x2)["completions"][0]["text"] == "X2"
+        assert (await q2)["completions"][0]["text"] == "Y2"
+        assert engine.order == ["y2", "x2"] or engine.order == ["x2", "y2"]
+    finally:
+        await c.close()
+
+
+async def test_cancel_queued_and_running(served):
+    server, engine, sock = served
+    c = await _client(sock)
+    try:
+        rid = c.new_id()
+        running = asyncio.create_task(c.request("fill", {"prefix": "gate"}, id=rid))
+        await _wait(engine.started.is_set)
+        qid = c.new_id()
+        queued = asyncio.create_task(c.request("fill", {"prefix": "q"}, id=qid))
+        await _wait(lambda: server.scheduler.depth() == 1)
+        assert await c.cancel(qid) is True
+        with pytest.raises(DgemmaError) as exc:
+            await queued
+        assert exc.value.code == "cancelled"
+        assert await c.cancel(rid) is True
+        with pytest.raises(DgemmaError) as exc:
+            await running
+        assert exc.value.code == "cancelled"
+        assert engine.cancel_seen == ["gate"] and engine.order == []
+        assert await c.cancel(rid) is False
+    finally:
+        await c.close()
+
+
+async def test_engine_failures_are_contained(served):
+    server, engine, sock = served
+    c = await _client(sock)
+    try:
+        with pytest.raises(DgemmaError) as exc:
+            await c.request("fill", {"prefix": "boom"})
+        assert exc.value.code == "internal" and "kaboom" in exc.value.message
+        with pytest.raises(DgemmaError) as exc:
+            await c.request("fill", {"prefix": "oom"})
+        assert exc.value.code == "out_of_memory"
+        drafts: list[dict] = []
+        res = await c.request("edit", {"prefix": "p", "selection": "s", "suffix": "", "instruction": "i"},
+                              on_draft=drafts.append)
+        assert res["completions"][0]["text"] == "PS" and drafts[0]["text"] == "ps:0"
+    finally:
+        await c.close()
+
+
+async def test_disconnect_cancels_the_clients_work(served):
+    server, engine, sock = served
+    c = await _client(sock)
+    asyncio.create_task(c.request("fill", {"prefix": "gate"}))
+    await _wait(engine.started.is_set)
+    asyncio.create_task(c.request("fill", {"prefix": "never"}))
+    await _wait(lambda: server.scheduler.depth() == 1)
+    await c.close()
+    await _wait(lambda: engine.cancel_seen == ["gate"])
+    await _wait(lambda: server.scheduler.depth() == 0 and server.scheduler.running is None)
+    other = await _client(sock)
+    try:
+        assert (await other.request("fill", {"prefix": "next"}))["completions"][0]["text"] == "NEXT"
+        assert "never" not in engine.order
+    finally:
+        await other.close()
+
+
+async def test_too_many_pending_and_duplicate_ids(served):
+    server, engine, sock = served
+    server.config = Config(limits=type(server.config.limits)(max_pending_per_client=2))
+    c = await _client(sock)
+    try:
+        t1 = asyncio.create_task(c.request("fill", {"prefix": "gate"}, id="same"))
+        await _wait(engine.started.is_set)
+        with pytest.raises(DgemmaError) as exc:
+            await c.request("fill", {"prefix": "b"}, id="same")
+        assert exc.value.code == "invalid_request"
+        t2 = asyncio.create_task(c.request("fill", {"prefix": "c"}))
+        await _wait(lambda: server.scheduler.depth() == 1)
+        with pytest.raises(DgemmaError) as exc:
+            await c.request("fill", {"prefix": "d"})
+        assert exc.value.code == "too_large"
+        engine.gate.set()
+        await asyncio.gather(t1, t2)
+    finally:
+        await c.close()
+
+
+async def test_model_load_failure_is_reported_and_daemon_serves():
+    root = short_tmp("dgs-")
+    (root / "cfg").mkdir()
+
+    def broken(config, spec, device):
+        raise DgemmaError("model_missing", "Model '/nowhere' is not on this machine")
+
+    server = Server(Config(), socket=root / "run" / "d.sock", config_file=root / "cfg" / "config.toml",
+                    engine_factory=broken)
+    await server.start()
+    c = await _client(server.socket)
+    try:
+        with pytest.raises(DgemmaError) as exc:
+            await c.request("fill", {"prefix": "x"})
+        assert exc.value.code == "model_missing" and "/nowhere" in exc.value.message
+        st = await c.request("status")
+        assert st["state"] == "error" and "/nowhere" in st["load_error"]
+        assert (await c.request("ping"))["pong"]
+    finally:
+        await c.close()
+        await server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_config_reload_live_and_invalid_file_keeps_previous(served):
+    server, engine, sock = served
+    path = server.config_file
+    c = await _client(sock)
+    try:
+        path.write_text("[limits]\nmax_tokens = 4\n")
+        await _wait(lambda: server.config.limits.max_tokens == 4, timeout=15)
+        with pytest.raises(DgemmaError) as exc:
+            await c.request("fill", {"prefix": "x", "max_tokens": 8})
+        assert exc.value.code == "invalid_params"
+        path.write_text("[limits\nmax_tokens = 'many'\n")
+        await _wait(lambda: server.watcher.error is not None, timeout=15)
+        assert server.config.limits.max_tokens == 4
+        assert (await c.request("status"))["config_error"]
+        with pytest.raises(DgemmaError) as exc:
+            await c.request("reload")
+        assert exc.value.code == "invalid_params" and "previous" in exc.value.message
+        path.write_text("[sampler]\nmax_denoising_steps = 1\n")
+        res = await c.request("reload")
+        assert res["reloaded"] and server.config.sampler == {"max_denoising_steps": 1}
+        assert (await c.request("fill", {"prefix": "x", "max_tokens": 8}))["steps"] == 1
+        # A model change in the config reloads the model on the worker before the reply.
+        path.write_text('model = "/elsewhere"\n')
+        res = await c.request("reload")
+        assert res["model_spec"] == "/elsewhere" and res["state"] == "ready"
+        res = await c.request("reload", {"reload_model": True})
+        assert res["model_reloaded"] is True
+    finally:
+        await c.close()
+
+
+def test_config_parsing_errors():
+    from dgemma.daemon.config import parse_config
+
+    assert parse_config("").model is None
+    cfg = parse_config('model = "~/m"\n[sampler]\nt_max = 0.7\n[limits]\nmax_n = 2\n')
+    assert cfg.model.endswith("/m") and cfg.sampler == {"t_max": 0.7} and cfg.limits.max_n == 2
+    for bad in ("modle = 1", "model = 3", "[limits]\nmax_n = -1", "[limits]\nnope = 1", "sampler = 1", "x ="):
+        with pytest.raises(DgemmaError) as exc:
+            parse_config(bad)
+        assert exc.value.code == "invalid_params"
+
+
+def test_load_config_missing_file_gives_defaults(tmp_path):
+    assert load_config(tmp_path / "none.toml") == Config()

@@ -1,0 +1,52 @@
+"""Pure-torch kernel twins, the expert grouping, and dispatch off CUDA."""
+
+import pytest
+import torch
+from transformers.activations import ACT2FN
+
+from dgemma.kernels import moe_w4a16, use_triton, w4a16_matmul
+from dgemma.kernels.moe_align import moe_align
+from dgemma.kernels.reference import moe_w4a16_ref, w4a16_matmul_ref
+from dgemma.quant.formats import quantize
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "nf4"])
+def test_w4a16_reference_is_matmul_with_the_dequantized_weight(fmt):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 128)
+    w = quantize(torch.randn(48, 128), fmt)
+    torch.testing.assert_close(w4a16_matmul_ref(x, w), x @ w.dequantize().T)
+
+
+def test_moe_align_groups_rows_by_expert_with_padding():
+    idx = torch.tensor([[0, 2], [2, 1], [0, 2], [4, 1]])  # 4 = sentinel for 4 experts
+    rows, block_expert, n = moe_align(idx, num_experts=4, block_m=2)
+    assert n == 8
+    flat = idx.flatten()
+    assert block_expert.tolist() == [0, 1, 2, 2]
+    for b, e in enumerate(block_expert.tolist()):
+        for r in rows[b * 2:(b + 1) * 2].tolist():
+            assert r == n or flat[r] == e
+    real = sorted(r for r in rows.tolist() if r < n)
+    assert real == [i for i, e in enumerate(flat.tolist()) if e < 4]
+
+
+def test_dispatch_uses_the_reference_off_cuda(monkeypatch):
+    monkeypatch.delenv("DGEMMA_KERNELS", raising=False)
+    x = torch.randn(4, 64)
+    assert not use_triton(x)
+    monkeypatch.setenv("DGEMMA_KERNELS", "torch")
+    assert not use_triton(x)
+    w = quantize(torch.randn(32, 64), "nvfp4")
+    torch.testing.assert_close(w4a16_matmul(x, w), w4a16_matmul_ref(x, w))
+
+
+def test_moe_dispatch_off_cuda_is_the_reference():
+    torch.manual_seed(0)
+    gu = quantize(torch.randn(4, 128, 64), "nvfp4")
+    dn = quantize(torch.randn(4, 64, 64), "nvfp4")
+    x = torch.randn(6, 64)
+    idx = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [0, 4], [1, 1]])
+    w = torch.rand(6, 2)
+    act = ACT2FN["gelu_pytorch_tanh"]
+    torch.testing.assert_close(moe_w4a16(x, idx, w, gu, dn, act), moe_w4a16_ref(x, idx, w, gu, dn, act))

