@@ -86,7 +86,8 @@ class Engine:
     """Owns one loaded model. Not thread-safe: a single worker thread calls it."""
 
     def __init__(self, loaded: LoadedModel, *, settings: SamplerSettings | None = None,
-                 prefix_cache_bytes: int | None = None) -> None:
+                 prefix_cache_bytes: int | None = None, max_rows: int | None = None,
+                 logits_budget_bytes: int | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -100,6 +101,10 @@ class Engine:
         self.pad_id = _single_id(self.tokenizer.pad_token_id, self.text_config.pad_token_id)
         self.bos_token: str = self.tokenizer.bos_token or ""
         self.settings = settings or SamplerSettings.from_generation_config(self.model.generation_config)
+        # Every row of a batch holds a few fp32 (canvas x vocab) tensors while it is sampled: about
+        # 1 GiB per row at 262k vocabulary. Rows beyond the budget are decoded one batch after another.
+        per_row = 4 * self.canvas_length * self.vocab_size * 4
+        self.max_rows = max_rows or max(1, (logits_budget_bytes or (1 << 30)) // per_row)
         if prefix_cache_bytes is None:
             prefix_cache_bytes = (1 << 30) if self.device.type == "cuda" else (256 << 20)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
@@ -240,20 +245,22 @@ class Engine:
 
     def _decode_canvas(self, cache: DynamicCache, rows: list[tuple[int, list[int] | None]], suffix_ids: list[int],
                        strength: float, req: _Request) -> list[_Row]:
-        plan = self._plan(rows, suffix_ids, strength, req.generator)
-        observer = self._draft_observer(plan, req) if req.on_step else None
-        outcome = denoise(self.model, cache, plan.tokens.to(self.device), plan.pinned.to(self.device),
-                          req.settings, req.generator, req.interrupt, observer)
-        req.steps += outcome.steps
-        req.canvases += 1
+        """Denoise one canvas for every planned row, ``max_rows`` rows per batch."""
         decoded = []
-        argmax, logprobs = outcome.argmax.tolist(), outcome.logprobs
-        for i, m in enumerate(plan.slots):
-            tokens, finished = slot_tokens(argmax[i], m, self.eos_id)
-            # A canvas with no pinned tail is a middle block of a long edit: more follows it.
-            finished = finished and m < self.canvas_length
-            scored = len(tokens) + 1 if finished else m  # the closing <eos> is part of the answer
-            decoded.append(_Row(tokens, finished, float(logprobs[i, :scored].sum()), scored))
+        for start in range(0, len(rows), self.max_rows):
+            plan = self._plan(rows[start:start + self.max_rows], suffix_ids, strength, req.generator)
+            observer = self._draft_observer(plan, req) if req.on_step else None
+            outcome = denoise(self.model, cache, plan.tokens.to(self.device), plan.pinned.to(self.device),
+                              req.settings, req.generator, req.interrupt, observer)
+            req.steps += outcome.steps
+            argmax, logprobs = outcome.argmax.tolist(), outcome.logprobs
+            for i, m in enumerate(plan.slots):
+                tokens, finished = slot_tokens(argmax[i], m, self.eos_id)
+                # A canvas with no pinned tail is a middle block of a long edit: more follows it.
+                finished = finished and m < self.canvas_length
+                scored = len(tokens) + 1 if finished else m  # the closing <eos> is part of the answer
+                decoded.append(_Row(tokens, finished, float(logprobs[i, :scored].sum()), scored))
+        req.canvases += 1
         return decoded
 
     def _draft_observer(self, plan: CanvasPlan, req: _Request) -> Callable[[StepState], None]:

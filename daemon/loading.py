@@ -6,23 +6,18 @@ meta device, the vision modules are dropped, and only the text weights are mater
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
-from transformers.models.diffusion_gemma.modeling_diffusion_gemma import (
-    DiffusionGemmaTextRotaryEmbedding,
-    DiffusionGemmaTextScaledWordEmbedding,
-)
 
 from dgemma.daemon.errors import DgemmaError
+from dgemma.quant import checkpoint as quant_checkpoint
+from dgemma.quant.meta import meta_model
 
 BUNDLED_MODEL_DIR = Path(__file__).parent / "bundled"
-_VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
            "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -81,46 +76,6 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     return resolved
 
 
-def build_empty_model(config: DiffusionGemmaConfig) -> DiffusionGemmaForBlockDiffusion:
-    """The model on the meta device with the vision modules removed: no memory is allocated."""
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = DiffusionGemmaForBlockDiffusion(config)
-    model.model.encoder.vision_tower = None
-    model.model.encoder.embed_vision = None
-    return model.eval()
-
-
-def _checkpoint_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / s for s in shards]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise DgemmaError("model_missing", f"No .safetensors weights in {path}.")
-    return files
-
-
-def materialize(model: DiffusionGemmaForBlockDiffusion, state: dict[str, torch.Tensor],
-                device: torch.device, dtype: torch.dtype) -> DiffusionGemmaForBlockDiffusion:
-    """Assign ``state`` onto a meta-built model, tie the shared encoder/decoder weights and rebuild
-    the non-persistent buffers (rotary frequencies, embedding scale) that no checkpoint stores."""
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    text_config = model.config.text_config
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, DiffusionGemmaTextRotaryEmbedding):
-                setattr(module, name, DiffusionGemmaTextRotaryEmbedding(text_config, device=device))
-        if isinstance(module, DiffusionGemmaTextScaledWordEmbedding):
-            module.embed_scale = torch.tensor(module.scalar_embed_scale, device=device)
-    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftover:
-        raise DgemmaError("model_missing", f"Checkpoint is incomplete: {len(leftover)} tensors missing, e.g. {leftover[0]}.")
-    return model
-
-
 def load_model(model: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None, quantize: str | None = None) -> LoadedModel:
     """Load a checkpoint directory (or an offline hub cache entry); see docs/engine.md."""
@@ -133,28 +88,15 @@ def load_model(model: str | os.PathLike | None = None, *, device: str | torch.de
         raise DgemmaError("model_missing", f"Cannot read the model config in {path}: {exc}") from None
     if not isinstance(config, DiffusionGemmaConfig):
         raise DgemmaError("model_missing", f"{path} holds a '{config.model_type}' model, not DiffusionGemma.")
-    empty = build_empty_model(config)
+    empty = meta_model(config).eval()
 
-    # Hook: pre-quantized checkpoints (ModelOpt NVFP4, compressed-tensors, dgemma's own) and
-    # on-the-fly quantization are handled by dgemma.quant.
-    from dgemma.quant import checkpoint as quant_checkpoint
-
+    # dgemma.quant materializes the meta model from any checkpoint: plain bf16/fp32 safetensors,
+    # pre-quantized (ModelOpt NVFP4, compressed-tensors, dgemma's own), or bf16 quantized while it
+    # streams in (`quantize=`). Vision weights in the files are never read.
     try:
-        quantized = quant_checkpoint.is_quantized_checkpoint(path)
-        if quantized or quantize:
-            loaded = quant_checkpoint.load_quantized_into(empty, path, dev, dt, quantize=quantize)
+        loaded = quant_checkpoint.load_quantized_into(empty, path, dev, dt, quantize=quantize)
     except ValueError as exc:  # CheckpointError: unsupported format, missing or mis-shaped tensors
         raise DgemmaError("model_missing", f"Cannot load {path}: {exc}") from None
-    if not (quantized or quantize):
-        state = {}
-        for file in _checkpoint_files(path):
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    if key.startswith(_VISION_PREFIXES):
-                        continue
-                    tensor = f.get_tensor(key)
-                    state[key] = tensor.to(dev, dt) if tensor.is_floating_point() else tensor.to(dev)
-        loaded = materialize(empty, state, dev, dt)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:

@@ -208,3 +208,10 @@ def test_fill_keeps_prefix_and_suffix_byte_identical(engine: Engine, prefix: str
     # The model saw exactly the text: the tokenizer round-trips both sides.
     assert engine.tokenizer.decode(engine._encode(prefix)) == prefix
     assert engine.tokenizer.decode(engine._encode(suffix)) == suffix
+
+
+def test_rows_beyond_the_batch_budget_decode_in_turn(tiny_model_dir) -> None:
+    narrow = Engine(load_model(tiny_model_dir, device="cpu"), max_rows=1)
+    res = narrow.fill("a = 1\n", "b = 2\n", n=2, seed=0, max_tokens=4, settings={"max_denoising_steps": 2})
+    assert res.canvases == 1 and res.steps == 2 * len(slot_candidates(16, 4)) * 2
+    assert Engine(load_model(tiny_model_dir, device="cpu"), logits_budget_bytes=1).max_rows == 1
