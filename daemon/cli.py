@@ -8,6 +8,7 @@ path through the daemon starts fast.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import os
@@ -17,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 
 from .errors import DgemmaError
@@ -107,7 +107,7 @@ def edit(
     seed: Optional[int] = SeedOpt,
 ) -> None:
     """Rewrite lines START..END of FILE and show the diff (apply with --yes)."""
-    from .fileedit import UndoStore, atomic_write, check_range, parse_range, read_source, replace_lines, Snapshot
+    from .fileedit import UndoStore, atomic_write, check_range, parse_range, read_source, replace_lines
 
     if yes and dry_run:
         raise DgemmaError("invalid_params", "--yes and --dry-run contradict each other")
@@ -146,7 +146,6 @@ def edit(
             _say("dgemma: not applied")
             return
     store = UndoStore()
-    import hashlib
     entry = store.save(src.path, src.raw, src.mode, hashlib.sha256(new_bytes).hexdigest())
     try:
         atomic_write(src.path, new_bytes, src.snapshot, mode=src.mode)
@@ -446,17 +445,40 @@ def _register_plugins() -> None:
             _say(f"dgemma: quant commands unavailable: {type(exc).__name__}: {exc}")
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(Exit, ClickException, Abort) classes: recent typer vendors click as typer._click
+    and defines Exit/Abort itself; older typer uses click's."""
+    mods = []
+    for name in ("typer", "typer._click.exceptions", "click.exceptions"):
+        try:
+            mods.append(__import__(name, fromlist=["_"]))
+        except ImportError:
+            pass
+
+    def classes(name: str) -> tuple[type, ...]:
+        found = {getattr(m, name) for m in mods if isinstance(getattr(m, name, None), type)}
+        return tuple(found) or (type(f"_No{name}", (Exception,), {}),)
+    return classes("Exit"), classes("ClickException"), classes("Abort")
+
+
 def main(argv: list[str] | None = None) -> None:
     _register_plugins()
+    exit_exc, click_exc, abort_exc = _click_exceptions()
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="dgemma", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except exit_exc as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except click_exc as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()  # bare `dgemma`: the help text, not an error
+            sys.exit(0)
+        # Usage errors follow the same rule as every other error: one line, exit 1.
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "dgemma"
+        _say(f"dgemma: {exc.format_message()} (see `{where} --help`)")
+        sys.exit(1)
+    except abort_exc:
         _say("dgemma: aborted")
         sys.exit(1)
     except DgemmaError as exc:

@@ -307,7 +307,12 @@ class Server:
         fill/edit with the load error, so `dgemma status` can say what went wrong."""
         spec = self._model_spec(config)
         self.state = "loading"
-        self.engine = None
+        if self.engine is not None:
+            # Free the old model before loading the new one: both rarely fit on the GPU.
+            self.engine = None
+            import gc
+            gc.collect()
+            _empty_cuda_cache()
         t0 = time.monotonic()
         log.info("loading model %s", spec or "(bundled)")
         stop_spinner = _spinner("loading model") if self.progress else None
@@ -341,7 +346,10 @@ class Server:
             if item is None:
                 return
             if not isinstance(item, Job):
-                item()
+                try:
+                    item()
+                except Exception:  # the worker must survive whatever a control step does
+                    log.error("control step failed:\n%s", traceback.format_exc())
                 continue
             try:
                 self._run_job(item)
@@ -371,13 +379,13 @@ class Server:
         engine = self.engine
         loop = self._loop
         assert loop is not None
-        on_step = None
-        if job.stream:
-            conn, rid = job.conn, job.id
+        conn, rid = job.conn, job.id
 
-            def on_step(d: Any) -> None:
-                loop.call_soon_threadsafe(conn.send_draft, rid,
-                                          proto.draft(rid, d.text, int(d.step), int(getattr(d, "canvas", 0))))
+        def send_draft(d: Any) -> None:
+            # Worker thread: hand the draft to the loop, never touch the socket here.
+            loop.call_soon_threadsafe(conn.send_draft, rid,
+                                      proto.draft(rid, d.text, int(d.step), int(getattr(d, "canvas", 0))))
+        on_step = send_draft if job.stream else None
         kwargs = dict(job.kwargs)
         settings = {**self.config.sampler, **job.settings}
         if settings:

@@ -22,7 +22,7 @@ from .. import __version__
 from . import postprocess as pp
 from .backend import Backend, BackendError, DaemonBackend
 from .cache import CompletionCache
-from .context import RingBuffer, build_prompt, language_of, offset_at, position_at
+from .context import RingBuffer, build_prompt, language_of, offset_at, position_at, window
 from .progress import StateReporter
 from .settings import Settings
 from .triggers import Debouncer, should_trigger
@@ -290,8 +290,12 @@ async def rewrite(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
     end = offset_at(text, rng.end.line, rng.end.character)
     if end < start:
         start, end = end, start
-    prefix, selection, suffix = text[:start], text[start:end], text[end:]
     s = ls.settings
+    # The same budget as completions: a whole large file would overflow the
+    # model's context. The selection itself is always sent whole.
+    prefix, _ = window(text, start, s.budget)
+    _, suffix = window(text, end, s.budget)
+    selection = text[start:end]
     ls.reporter.busy("Rewriting selection")
     try:
         if instruction.strip():
@@ -305,7 +309,7 @@ async def rewrite(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
         return {"applied": False, "error": exc.code, "message": exc.message}
     finally:
         ls.reporter.idle()
-    new = _clean_replacement(res.text, selection, prefix + suffix)
+    new = _clean_replacement(res.text, selection, text)
     applied = await _apply(ls, uri, version, rng, new)
     return {"applied": applied, "text": new}
 

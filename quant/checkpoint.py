@@ -19,7 +19,7 @@ from dgemma.quant.layouts import bnb_state, has_bnb_nf4, read_experts, read_line
 from dgemma.quant.modules import Packed4bit, QuantizedExperts, QuantLinear
 from dgemma.quant.reader import CheckpointError, TensorStore, quant_format
 
-__all__ = ["is_quantized_checkpoint", "load_quantized_into", "CheckpointError"]
+__all__ = ["is_quantized_checkpoint", "load_quantized_into", "materialize_meta", "CheckpointError"]
 
 
 def is_quantized_checkpoint(path: str | Path) -> bool:
@@ -54,7 +54,7 @@ def load_quantized_into(
     with torch.no_grad():
         _load_experts(model, store, fmt, device, quantize, progress)
         _load_linears(model, store, fmt, device, dtype)
-        _materialize(model, device, dtype)
+        materialize_meta(model, device, dtype)
         _load_dense_tensors(model, store, dtype)
         if dense is not None and fmt is None:
             _quantize_linears(model, dense)
@@ -131,7 +131,7 @@ def _bnb_from_state(lin: nn.Linear, data, stats, store, name, device, dtype) -> 
     return out
 
 
-def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+def materialize_meta(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Allocate every tensor still on meta (tied tensors stay tied), then compute the
     non-persistent buffers (rotary frequencies, embedding scale) that no checkpoint holds."""
     new: dict[int, torch.Tensor] = {}

@@ -66,6 +66,27 @@ def test_edit_yes_keeps_line_endings_and_mode_then_undo(daemon, tmp_path):
     assert "nothing to undo" in _one_line_error(dgemma(["undo", str(f)], daemon.env))
 
 
+def test_edit_on_a_terminal_asks_before_applying(daemon, tmp_path):
+    import pty
+
+    f = _file(tmp_path)
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "dgemma.daemon.cli", "edit", f"{f}:4-4", *FAST],
+                                env=daemon.env, stdin=slave, stdout=slave, stderr=slave)
+        os.close(slave)
+        out = b""
+        while b"Apply this change?" not in out:
+            chunk = os.read(master, 4096)
+            assert chunk, out
+            out += chunk
+        os.write(master, b"y\n")
+        assert proc.wait(60) == 0
+    finally:
+        os.close(master)
+    assert f.read_bytes() != SOURCE and b"@@" in out
+
+
 def test_edit_with_instruction(daemon, tmp_path):
     f = _file(tmp_path)
     r = dgemma(["edit", f"{f}:7-8", "-m", "rename to product", "--yes", *FAST], daemon.env)
@@ -96,6 +117,8 @@ def test_cli_errors_are_one_line_and_write_nothing(daemon, tmp_path):
         (["fill", f"{f}:1:80"], "past the end of the line"),
         (["edit", f"{f}:4-4", "--yes", "--model", "/no/such/model"], "/no/such/model"),
         (["edit", f"{f}:4-4", "--yes", "--steps", "2", "--max-tokens", "999999"], "max_tokens"),
+        (["edit", f"{f}:4-4", "--bogus"], "No such option"),
+        (["frobnicate"], "No such command"),
     ]
     for args, words in cases:
         line = _one_line_error(dgemma(args, daemon.env))

@@ -108,6 +108,8 @@ def test_oversized_frame_is_rejected_and_daemon_keeps_serving(daemon):
             pass
     with Raw(daemon.socket) as c:
         assert c.call("ping")[-1]["result"]["pong"]
+        # Large but within the limit: read in full, answered.
+        assert c.call("ping", {"junk": "x" * (3 << 20)})[-1]["result"]["pong"]
 
 
 frames = st.one_of(

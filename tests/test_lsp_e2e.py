@@ -193,6 +193,12 @@ async def test_inline_completion_then_cache_and_typed_through(client: LanguageCl
         assert rest is not None and rest.items[0].insert_text == text[1:]
     assert daemon_status(lsp_env)["served_by_method"].get("fill", 0) == fills
 
+    st = await client.workspace_execute_command_async(t.ExecuteCommandParams(command="dgemma.status"))
+    st = st if isinstance(st, dict) else vars(st)
+    assert st["state"] == "ready" and st["cache"]["hits"] >= 1
+    last = st["last_fill"] if isinstance(st["last_fill"], dict) else vars(st["last_fill"])
+    assert last["engine_ms"] > 0 and last["server_ms"] >= last["engine_ms"]
+
 
 async def test_automatic_trigger_mid_word_is_skipped(client: LanguageClient) -> None:
     open_doc(client, "value = compute_total(x)\n")
