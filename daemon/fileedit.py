@@ -13,6 +13,7 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 
 from .config import data_dir
@@ -164,6 +165,7 @@ def atomic_write(path: Path, data: bytes, expected: Snapshot | None, mode: int |
     matches `expected`; the check runs after the temp file is ready, just before the
     rename, to keep the window as small as we can without a lock editors would honour."""
     folder = path.parent
+    _sweep_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".dgemma-tmp", dir=folder)
     try:
         try:
@@ -192,6 +194,21 @@ def atomic_write(path: Path, data: bytes, expected: Snapshot | None, mode: int |
         raise
     _fsync_dir(folder)
     return Snapshot.of(path, data)
+
+
+STALE_TEMP_SECONDS = 3600
+
+
+def _sweep_stale_temps(path: Path) -> None:
+    """Remove temp files a killed dgemma left next to `path`. Only old ones: a young one
+    may belong to a write in progress."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.dgemma-tmp"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+        except OSError:
+            pass
 
 
 def _fsync_dir(folder: Path) -> None:

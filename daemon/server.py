@@ -431,6 +431,10 @@ class Server:
     def _finish(self, job: Job, reply: dict[str, Any]) -> None:
         if job.conn.jobs.get(job.id) is job:
             del job.conn.jobs[job.id]
+        if log.isEnabledFor(logging.DEBUG):
+            outcome = reply["error"]["code"] if reply.get("type") == "error" else "ok"
+            log.debug("client %d %s %r: %s after %.0f ms", job.conn.cid, job.method, job.id, outcome,
+                      (time.monotonic() - job.received) * 1000)
         self.served += 1
         self.served_by_method[job.method] += 1
         job.conn.send(reply)

@@ -138,3 +138,8 @@ def test_sigkill_during_atomic_writes_never_leaves_a_partial_file(tmp_path):
         proc.wait()
         data = f.read_bytes()
         assert len(data) == size and data == data[:1] * size
+    # Temp files of killed writers are swept by a later write once they are old.
+    for tmp in tmp_path.glob(".big.txt.*.dgemma-tmp"):
+        os.utime(tmp, (0, 0))
+    atomic_write(f, b"done", None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]

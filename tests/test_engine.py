@@ -215,3 +215,13 @@ def test_rows_beyond_the_batch_budget_decode_in_turn(tiny_model_dir) -> None:
     res = narrow.fill("a = 1\n", "b = 2\n", n=2, seed=0, max_tokens=4, settings={"max_denoising_steps": 2})
     assert res.canvases == 1 and res.steps == 2 * len(slot_candidates(16, 4)) * 2
     assert Engine(load_model(tiny_model_dir, device="cpu"), logits_budget_bytes=1).max_rows == 1
+
+
+def test_entropy_matches_torch_distributions() -> None:
+    from dgemma.daemon.denoise import _entropy
+
+    logits = torch.randn(3, 7, 50) * 4
+    logits[0, 0, 1:] = float("-inf")  # a one-hot row, as pinned positions are
+    pinned = torch.zeros(3, 7, dtype=torch.bool)
+    expected = torch.distributions.Categorical(logits=logits).entropy()
+    assert torch.equal(_entropy(logits, pinned, False), expected)
