@@ -102,7 +102,7 @@ async def run(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     options = {"debounceMs": 0, "maxTokensInvoked": args.max_tokens, "seed": 0}
     if args.steps:
         options["sampler"] = {"max_denoising_steps": args.steps}
-    await client.start_io(sys.executable, "-m", "dgemma.lsp", env=env)
+    await client.start_io(sys.executable, "-m", "dgemma.daemon.cli", "lsp", env=env)
     caps = t.ClientCapabilities(
         text_document=t.TextDocumentClientCapabilities(inline_completion=t.InlineCompletionClientCapabilities()),
         window=t.WindowClientCapabilities(work_done_progress=True))

@@ -432,6 +432,14 @@ def doctor(model: Optional[str] = ModelOpt) -> None:
         raise typer.Exit(1)
 
 
+@app.command()
+def lsp() -> None:
+    """Run the language server on stdio; editors start this (see editors/)."""
+    from dgemma.lsp.server import main as serve_lsp  # pygls is only loaded for this command
+
+    serve_lsp()
+
+
 # ---- entry point --------------------------------------------------------------------------
 
 def _register_plugins() -> None:

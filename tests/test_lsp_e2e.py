@@ -1,4 +1,4 @@
-"""End to end: the real ``dgemma lsp`` (``python -m dgemma.lsp``) over stdio, with a real
+"""End to end: the real ``dgemma lsp`` (run as ``python -m dgemma.daemon.cli lsp``) over stdio, with a real
 daemon it starts on demand, serving a tiny random model.
 
 The model writes nonsense, so the tests check the plumbing: what comes back is
@@ -91,7 +91,7 @@ async def start_client(env: dict[str, str], options: dict[str, Any] | None = Non
     def on_status(params: Any) -> None:
         client.statuses.append(params)  # type: ignore[attr-defined]
 
-    await client.start_io(sys.executable, "-m", "dgemma.lsp", env=env)
+    await client.start_io(sys.executable, "-m", "dgemma.daemon.cli", "lsp", env=env)
     client.init_result = await client.initialize_session(t.InitializeParams(  # type: ignore[attr-defined]
         capabilities=capabilities(inline), initialization_options={**FAST_OPTIONS, **(options or {})},
         root_uri="file:///work/example"))
