@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import fcntl
-import itertools
 import json
 import logging
 import os
@@ -18,13 +17,15 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from . import protocol as proto
 from .config import Config, ConfigWatcher, config_path, ensure_private_dir, runtime_dir, socket_path
+from .connection import Connection
 from .errors import DgemmaError
+from .loading import BUNDLED_MODEL_DIR
+from .scheduler import Job, Scheduler
 
 log = logging.getLogger("dgemma.daemon")
 
@@ -34,228 +35,13 @@ except Exception:  # pragma: no cover - dgemma/__init__ always defines it
     VERSION = "0"
 
 SERVER_NAME = f"dgemma/{VERSION}"
-# Past this many unwritten replies a client is not reading at all; dropping it is
-# kinder to everyone else than buffering without bound.
-MAX_OUTBOX = 1024
-
-
-# ---- jobs and scheduling ----------------------------------------------------------------
-
-class CancelFlag:
-    """threading.Event-like flag the engine polls between steps, plus why it was set."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.reason = ""
-
-    def set(self, reason: str = "cancelled") -> None:
-        if not self._event.is_set():
-            self.reason = reason
-            self._event.set()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-
-@dataclass(eq=False)
-class Job:
-    conn: "Connection"
-    id: Any
-    method: str                      # fill | edit
-    kwargs: dict[str, Any]           # engine keyword arguments (without callbacks)
-    settings: dict[str, Any]         # SamplerSettings overrides from the request
-    document: str | None
-    stream: bool
-    deadline: float | None
-    received: float = field(default_factory=time.monotonic)
-    flag: CancelFlag = field(default_factory=CancelFlag)
-
-
-class Scheduler:
-    """Queued jobs per connection. The next job comes from the connection served least
-    recently, so a client with 50 queued requests delays a client with one by at most
-    one request."""
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._queues: dict[int, collections.deque[Job]] = {}
-        self._last_served: dict[int, int] = {}
-        self._served = itertools.count()
-        self._control: collections.deque[Callable[[], None]] = collections.deque()
-        self._closed = False
-        self.running: Job | None = None
-
-    def put(self, job: Job) -> list[Job]:
-        """Queue `job`; returns the older jobs of the same document it displaced (the
-        running one, if any, is flagged `superseded` instead)."""
-        with self._cv:
-            displaced: list[Job] = []
-            if job.document is not None:
-                displaced = self._remove_locked(lambda j: j.document == job.document)
-                if self.running is not None and self.running.document == job.document:
-                    self.running.flag.set("superseded")
-            self._queues.setdefault(job.conn.cid, collections.deque()).append(job)
-            self._cv.notify()
-            return displaced
-
-    def control(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on the worker thread before the next job (model reloads)."""
-        with self._cv:
-            self._control.append(fn)
-            self._cv.notify()
-
-    def take(self) -> Job | Callable[[], None] | None:
-        """Next control function or job (None once closed). Marks the job running under
-        the same lock, so supersede never misses a job between queue and worker."""
-        with self._cv:
-            while True:
-                if self._closed:
-                    return None
-                if self._control:
-                    return self._control.popleft()
-                if self._queues:
-                    # Never-served clients (-1) first, then least recently served; ties by cid (arrival).
-                    cid = min(self._queues, key=lambda c: (self._last_served.get(c, -1), c))
-                    queue = self._queues[cid]
-                    job = queue.popleft()
-                    if not queue:
-                        del self._queues[cid]
-                    self._last_served[cid] = next(self._served)
-                    self.running = job
-                    return job
-                self._cv.wait()
-
-    def done(self, job: Job) -> None:
-        with self._cv:
-            if self.running is job:
-                self.running = None
-
-    def forget(self, cid: int) -> None:
-        with self._cv:
-            self._last_served.pop(cid, None)
-
-    def remove(self, pred: Callable[[Job], bool]) -> list[Job]:
-        with self._cv:
-            return self._remove_locked(pred)
-
-    def _remove_locked(self, pred: Callable[[Job], bool]) -> list[Job]:
-        removed = []
-        for cid in list(self._queues):
-            keep: collections.deque[Job] = collections.deque()
-            for job in self._queues[cid]:
-                (removed if pred(job) else keep).append(job)
-            if keep:
-                self._queues[cid] = keep
-            else:
-                del self._queues[cid]
-        return removed
-
-    def depth(self) -> int:
-        with self._cv:
-            return sum(len(q) for q in self._queues.values())
-
-    def close(self) -> list[Job]:
-        with self._cv:
-            self._closed = True
-            left = self._remove_locked(lambda j: True)
-            self._cv.notify_all()
-            return left
-
-
-# ---- connections ------------------------------------------------------------------------
-
-class _DraftSlot:
-    __slots__ = ("rid",)
-
-    def __init__(self, rid: Any) -> None:
-        self.rid = rid
-
-
-class Connection:
-    """One client. Everything here runs on the loop thread."""
-
-    def __init__(self, cid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 max_drafts: int) -> None:
-        self.cid = cid
-        self.reader = reader
-        self.writer = writer
-        self.max_drafts = max_drafts
-        self.outbox: collections.deque[bytes | _DraftSlot] = collections.deque()
-        self.drafts: dict[Any, bytes] = {}
-        self.jobs: dict[Any, Job] = {}
-        self.greeted = False
-        self.closed = False
-        self.dropped_drafts = 0
-        self._wake = asyncio.Event()
-
-    def send(self, msg: dict[str, Any]) -> None:
-        if self.closed:
-            return
-        if len(self.outbox) >= MAX_OUTBOX:
-            log.warning("client %d reads nothing (%d replies waiting); dropping it", self.cid, len(self.outbox))
-            self.abort()
-            return
-        self.outbox.append(proto.encode(msg))
-        self._wake.set()
-
-    def send_draft(self, rid: Any, msg: dict[str, Any]) -> None:
-        """Drafts are disposable: a newer draft of the same request replaces a waiting
-        one, and a client that lets too many pile up simply misses some."""
-        if self.closed:
-            return
-        data = proto.encode(msg)
-        if rid in self.drafts:
-            self.drafts[rid] = data
-            return
-        if len(self.drafts) >= self.max_drafts:
-            self.dropped_drafts += 1
-            return
-        self.drafts[rid] = data
-        self.outbox.append(_DraftSlot(rid))
-        self._wake.set()
-
-    async def write_loop(self) -> None:
-        try:
-            while not self.closed:
-                await self._wake.wait()
-                self._wake.clear()
-                while self.outbox and not self.closed:
-                    item = self.outbox.popleft()
-                    data = self.drafts.pop(item.rid, None) if isinstance(item, _DraftSlot) else item
-                    if data is None:
-                        continue
-                    self.writer.write(data)
-                    await self.writer.drain()
-        except (ConnectionError, OSError):
-            self.abort()
-
-    async def flush(self, timeout: float = 1.0) -> None:
-        """Best effort: let queued replies out before closing (e.g. a too_large error)."""
-        deadline = time.monotonic() + timeout
-        while self.outbox and not self.closed and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        try:
-            await asyncio.wait_for(self.writer.drain(), max(0.0, deadline - time.monotonic()))
-        except Exception:
-            pass
-
-    def abort(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._wake.set()
-            transport = self.writer.transport
-            if transport is not None:
-                transport.abort()
 
 
 # ---- the server -------------------------------------------------------------------------
 
-BUNDLED_DIR = Path(__file__).parent / "bundled"
-
-
 def _canon_model(spec: str | None) -> str:
     if spec is None:
-        spec = str(BUNDLED_DIR)
+        spec = str(BUNDLED_MODEL_DIR)
     expanded = os.path.expanduser(spec)
     return os.path.realpath(expanded) if os.path.exists(expanded) else spec
 
@@ -805,4 +591,4 @@ def run(config: Config, *, model: str | None = None, device: str | None = None,
     asyncio.run(server.serve_forever())
 
 
-__all__ = ["Server", "Scheduler", "Job", "CancelFlag", "run", "runtime_dir"]
+__all__ = ["Server", "run", "runtime_dir"]

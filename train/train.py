@@ -35,6 +35,7 @@ from train.quickfill import pinned_onehot_logits, quick_fill
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "daemon" / "bundled"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 def log(msg: str) -> None:
@@ -107,6 +108,9 @@ def save_checkpoint(model, path: Path, meta: dict) -> None:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path), safe_serialization=True)
     generation_config().save_pretrained(str(path))
+    for name in TOKENIZER_FILES:  # a checkpoint directory must be loadable on its own
+        if (BUNDLED / name).is_file():
+            shutil.copy(BUNDLED / name, path / name)
     (path / "train_state.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
