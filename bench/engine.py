@@ -75,11 +75,12 @@ def tokens_per_forward(engine: Engine) -> tuple[float, int, int]:
 
 
 def prefix_cache_speedup(engine: Engine, repeats: int) -> tuple[float, float, int]:
-    """A one-line change at the end of a ~2k-token prefix: cold prefill vs cache hit."""
+    """A one-line change at the end of a ~2k-token prefix (less if the model's context is
+    smaller): cold prefill vs cache hit."""
     body = "".join(f"def handler_{i}(request, value={i}):\n    return process(request, value * {i})\n\n"
                    for i in range(200))
     ids = engine._encode(body)
-    prefix = engine.tokenizer.decode(ids[:2000])
+    prefix = engine.tokenizer.decode(ids[: min(2000, engine.context_limit - engine.canvas_length - 64)])
     prefix = prefix[: prefix.rfind("\n") + 1]
     cold_engine = Engine(engine.loaded, prefix_cache_bytes=0)
     cold = median_time(lambda: cold_engine._prefill(*cold_engine._context(engine.bos_token, prefix + "x = 1")),

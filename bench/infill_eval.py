@@ -176,18 +176,6 @@ def main(argv=None) -> None:
     loaded = load_model(args.model)
     load_s = time.time() - t0
     engine = Engine(loaded)
-    settings_note = ""
-    gc_file = Path(loaded.path) / "generation_config.json"
-    if gc_file.is_file():
-        from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
-
-        from dgemma.daemon.sampling import SamplerSettings
-
-        shipped = SamplerSettings.from_generation_config(DiffusionGemmaGenerationConfig.from_pretrained(loaded.path))
-        if shipped != engine.settings:
-            # The checkpoint's own sampler defaults are what a user of this model gets.
-            engine = Engine(loaded, settings=shipped)
-            settings_note = " (the checkpoint's generation_config.json, passed to Engine explicitly)"
     n_params = sum(p.numel() for p in loaded.model.parameters())
     preds, times = [], []
     for i, c in enumerate(cases):
@@ -221,7 +209,7 @@ def main(argv=None) -> None:
         "",
         f"Model: `{loaded.name}` ({n_params / 1e6:.1f} M parameters loaded, {loaded.dtype}, {loaded.device}), "
         f"loaded in {load_s:.2f} s; fill latency median {times[len(times) // 2]:.2f} s, "
-        f"p90 {times[int(len(times) * 0.9)]:.2f} s; sampler {engine.settings.to_dict()}{settings_note}.",
+        f"p90 {times[int(len(times) * 0.9)]:.2f} s; sampler {engine.settings.to_dict()} (the checkpoint's generation_config.json).",
         f"Machine: {torch.get_num_threads()}-thread CPU run, `{cpu_name()}` (shared with other jobs, so latency is noisy); "
         f"torch {torch.__version__}, Python {sys.version.split()[0]}; {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         f"Command: `python bench/infill_eval.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),

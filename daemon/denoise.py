@@ -80,8 +80,13 @@ def expand_cache(cache: DynamicCache, batch: int) -> DynamicCache:
 
 def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tensor, settings: SamplerSettings,
             generator: torch.Generator | None, interrupt: Interrupt | None = None,
-            on_step: Callable[[StepState], None] | None = None) -> CanvasOutcome:
-    """Denoise ``canvas`` (B, C) against the cached prefix; ``pinned`` (B, C) positions stay as given."""
+            on_step: Callable[[StepState], None] | None = None, exact: bool = False) -> CanvasOutcome:
+    """Denoise ``canvas`` (B, C) against the cached prefix; ``pinned`` (B, C) positions stay as given.
+
+    ``exact`` draws random numbers exactly as transformers does (torch.multinomial), so the same
+    seed gives the same tokens as ``generate``; otherwise an equivalent inverse-CDF draw is used,
+    several times cheaper on a CPU (multinomial makes one exponential variate per vocabulary entry).
+    """
     batch, canvas_length = canvas.shape
     device = canvas.device
     vocab = model.config.text_config.vocab_size
@@ -107,16 +112,16 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
         steps += 1
         logits = model(decoder_input_ids=current, self_conditioning_logits=sc_logits, past_key_values=cache,
                        decoder_position_ids=positions).logits
-        logits = logits / settings.temperature(steps_left)
+        logits.div_(settings.temperature(steps_left))  # a fresh fp32 tensor: no copy needed
         if any_pinned:
             # Self-conditioning reads softmax(logits): -inf everywhere but the pinned token makes it
             # one-hot. Written in place: a (pinned x vocab) copy is hundreds of MB at 262k vocab.
             logits.masked_fill_(pinned.unsqueeze(-1), float("-inf"))
             logits[pin_rows, pin_cols, pin_values] = 0.0
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        sampled = torch.multinomial(probs.view(-1, vocab), 1, generator=generator).view(batch, canvas_length)
+        sampled, entropy = (_sample_like_transformers if exact else _sample)(logits, generator)
+        if any_pinned:
+            entropy = entropy.masked_fill(pinned, 0.0)
         new_argmax = logits.argmax(-1)
-        entropy = _entropy(logits, pinned, any_pinned)
 
         # Accept the k lowest-entropy positions whose summed entropy, less the largest, stays in bound.
         sorted_entropy, order = torch.sort(entropy, dim=-1)
@@ -134,7 +139,7 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
             new_argmax = torch.where(finished[:, None], argmax, new_argmax)
             new_current = torch.where(finished[:, None], current, new_current)
             logits = torch.where(finished[:, None, None], sc_logits, logits)
-            entropy = _entropy(logits, pinned, any_pinned)
+            entropy = _entropy(logits).masked_fill(pinned, 0.0)
         if settings.stability_threshold == 0:
             stable = torch.ones_like(finished)
         elif len(history) < settings.stability_threshold:
@@ -156,10 +161,29 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
     return CanvasOutcome(argmax=argmax, logprobs=logprobs, steps=steps)
 
 
-def _entropy(logits: torch.Tensor, pinned: torch.Tensor, any_pinned: bool) -> torch.Tensor:
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
     """Categorical entropy, computed as torch.distributions does it (so unconstrained canvases match
     transformers bit for bit) without its argument validation, which costs as much as the math."""
     normalized = logits - logits.logsumexp(dim=-1, keepdim=True)
     clamped = normalized.clamp(min=torch.finfo(normalized.dtype).min)
-    entropy = -(clamped * torch.softmax(normalized, dim=-1)).sum(-1)
-    return entropy.masked_fill(pinned, 0.0) if any_pinned else entropy
+    return -(clamped * torch.softmax(normalized, dim=-1)).sum(-1)
+
+
+def _sample_like_transformers(logits: torch.Tensor, generator: torch.Generator | None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    rows = probs.view(-1, probs.shape[-1])
+    return torch.multinomial(rows, 1, generator=generator).view(logits.shape[:-1]), _entropy(logits)
+
+
+def _sample(logits: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One uniform per position against the cumulative distribution, and the entropy from the
+    same probabilities (H = logsumexp - E[logit]). Positions with -inf logits (pinned) give NaN
+    entropy; the caller masks them."""
+    lse = logits.logsumexp(dim=-1, keepdim=True)
+    probs = torch.exp(logits - lse)
+    entropy = lse.squeeze(-1) - (probs * logits).sum(-1)
+    cdf = probs.view(-1, probs.shape[-1]).cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+    sampled = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)
+    return sampled.view(logits.shape[:-1]), entropy

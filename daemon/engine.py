@@ -175,7 +175,7 @@ class Engine:
         no_pins = torch.zeros(batch, self.canvas_length, dtype=torch.bool, device=self.device)
         for _ in range(math.ceil(max_new_tokens / self.canvas_length)):
             noise = self._noise(batch, generator)
-            canvas = denoise(self.model, cache, noise, no_pins, settings, generator).argmax.clone()
+            canvas = denoise(self.model, cache, noise, no_pins, settings, generator, exact=True).argmax.clone()
             is_eos = canvas == self.eos_id
             done_now = is_eos.any(-1) | (ids.shape[1] + self.canvas_length >= max_length)
             before, finished = finished, finished | done_now
@@ -191,7 +191,11 @@ class Engine:
 
     # ------------------------------------------------------------------ request -> context ids
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        """Token ids of user text. Special-token spellings in it ("<eos>" in a string literal)
+        stay text: only the engine places special tokens."""
+        if not text:
+            return []
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def _instruction_prompt(self, instruction: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
@@ -200,21 +204,20 @@ class Engine:
         return f"{self.bos_token}{instruction}\n\n"
 
     def _context(self, head: str, code: str) -> tuple[list[int], int]:
-        """Token ids of ``head + code`` and how many leading ids are *stable*: they end before the
-        whitespace run holding the code's last newline, so typing on the current line cannot
-        change them. Prefill always splits there, which makes a prefix-cache hit compute exactly
-        what a cold run computes."""
-        text = head + code
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        """Token ids of ``head`` (special tokens parsed: <bos>, the chat template) followed by
+        ``code``, and how many leading ids are *stable*: they end before the whitespace run
+        holding the code's last newline, so typing on the current line cannot change them.
+        Prefill always splits there, which makes a prefix-cache hit compute exactly what a cold
+        run computes."""
+        head_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"] if head else []
+        enc = self.tokenizer(code, add_special_tokens=False, split_special_tokens=True,
+                             return_offsets_mapping=True)
+        ids = head_ids + enc["input_ids"]
         if len(ids) + self.canvas_length > self.context_limit:
             raise DgemmaError("too_large", f"The prompt is {len(ids)} tokens; with one {self.canvas_length}-token "
                               f"canvas it exceeds the model's context of {self.context_limit}. Send less context.")
-        newline = text.rfind("\n", len(head))
-        if newline < 0:
-            return ids, sum(1 for _, end in offsets if end <= len(head))
-        cut = len(text[:newline].rstrip())
-        return ids, sum(1 for _, end in offsets if end <= cut)
+        cut = len(code[: code.rfind("\n")].rstrip()) if "\n" in code else 0
+        return ids, len(head_ids) + sum(1 for _, end in enc["offset_mapping"] if end <= cut)
 
     @torch.no_grad()
     def _prefill(self, ids: list[int], stable: int) -> tuple[DynamicCache, int]:
@@ -313,7 +316,7 @@ class Engine:
             row = self._continue(branch, len(ids), row, suffix_ids, plans, max_tokens, strength, req)
             completions.append(Completion(text=self._decode(row.tokens), score=row.score, tokens=len(row.tokens),
                                           finished=row.finished))
-        completions.sort(key=lambda c: (c.finished, c.score), reverse=True)
+        completions.sort(key=lambda c: (bool(c.text), c.finished, c.score), reverse=True)
         return Result(completions=completions, steps=req.steps, canvases=req.canvases, prompt_tokens=len(ids),
                       cached_tokens=cached, ms=(time.perf_counter() - started) * 1000, seed=int(seed),
                       model=self.loaded.name)
@@ -331,7 +334,8 @@ class Engine:
                 break
             if new:
                 encode(self.model, torch.tensor([new], dtype=torch.long, device=self.device), cache)
-            nxt = max(self._decode_canvas(cache, rows, suffix_ids, strength, req), key=_rank)
+            nxt = max(self._decode_canvas(cache, rows, suffix_ids, strength, req),
+                      key=lambda r: _rank(r, first=False))
             row = _Row(row.tokens + nxt.tokens, nxt.finished, row.logprob_sum + nxt.logprob_sum,
                        row.logprob_count + nxt.logprob_count)
             req.committed = list(row.tokens)
@@ -340,10 +344,14 @@ class Engine:
         return row
 
 
-def _rank(row: _Row) -> tuple:
+def _rank(row: _Row, first: bool = True) -> tuple:
     """Finished rows first, by score; among unfinished ones the row that got furthest, since it
-    continues into the next canvas."""
-    return (True, row.score) if row.finished else (False, len(row.tokens), row.score)
+    continues into the next canvas. On the first canvas an empty middle comes last: closing at
+    once is the cheapest thing a model can say, and a request for a fill wants text. On later
+    canvases an immediate <eos> just means the middle ended with the previous one."""
+    if row.finished:
+        return (bool(row.tokens) or not first, True, row.score)
+    return (True, False, len(row.tokens), row.score)
 
 
 def _single_id(*candidates: int | list[int] | None) -> int:

@@ -13,11 +13,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
+
 from dgemma.daemon.errors import DgemmaError
 from dgemma.quant import checkpoint as quant_checkpoint
 from dgemma.quant.meta import meta_model
 
 BUNDLED_MODEL_DIR = Path(__file__).parent / "bundled"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
            "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -97,6 +100,12 @@ def load_model(model: str | os.PathLike | None = None, *, device: str | torch.de
         loaded = quant_checkpoint.load_quantized_into(empty, path, dev, dt, quantize=quantize)
     except ValueError as exc:  # CheckpointError: unsupported format, missing or mis-shaped tensors
         raise DgemmaError("model_missing", f"Cannot load {path}: {exc}") from None
+    if (path / "generation_config.json").is_file():
+        # The checkpoint's own sampler defaults (steps, temperatures, entropy bound) for the engine.
+        loaded.generation_config = DiffusionGemmaGenerationConfig.from_pretrained(path, local_files_only=True)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise DgemmaError("model_missing", f"{path} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); "
+                          "copy the tokenizer files next to the weights.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:

@@ -87,7 +87,7 @@ def test_slot_candidates_fit_the_canvas() -> None:
 def test_fill_returns_ranked_alternatives(engine: Engine) -> None:
     res = engine.fill("def add(a, b):\n    return", "\n", n=3, max_tokens=20, seed=4, settings=FAST)
     assert 1 <= len(res.completions) <= 3
-    keys = [(c.finished, c.score) for c in res.completions]
+    keys = [(bool(c.text), c.finished, c.score) for c in res.completions]
     assert keys == sorted(keys, reverse=True)
     assert all(c.tokens <= 20 for c in res.completions)
     assert res.prompt_tokens > 0 and res.steps > 0 and res.seed == 4
@@ -222,6 +222,39 @@ def test_entropy_matches_torch_distributions() -> None:
 
     logits = torch.randn(3, 7, 50) * 4
     logits[0, 0, 1:] = float("-inf")  # a one-hot row, as pinned positions are
-    pinned = torch.zeros(3, 7, dtype=torch.bool)
     expected = torch.distributions.Categorical(logits=logits).entropy()
-    assert torch.equal(_entropy(logits, pinned, False), expected)
+    assert torch.equal(_entropy(logits), expected)
+
+
+def test_fast_sampler_draws_from_the_same_distribution() -> None:
+    from dgemma.daemon.denoise import _entropy, _sample
+
+    logits = torch.tensor([[[2.0, 0.0, -1.0, 1.0]]]).repeat(1, 20000, 1)
+    sampled, entropy = _sample(logits, torch.Generator().manual_seed(0))
+    freq = torch.bincount(sampled.flatten(), minlength=4).float() / sampled.numel()
+    assert torch.allclose(freq, torch.softmax(logits[0, 0], -1), atol=0.01)
+    assert torch.allclose(entropy, _entropy(logits), atol=1e-5)
+
+
+def test_special_token_spellings_in_code_stay_text(engine: Engine) -> None:
+    ids = engine._encode('EOS = "<eos>"\n')
+    assert engine.eos_id not in ids
+    head_ids, _ = engine._context(engine.bos_token, 'x = "<eos>"')
+    assert head_ids[0] == engine.tokenizer.bos_token_id and engine.eos_id not in head_ids
+
+
+def test_checkpoint_sampler_defaults_are_used(tmp_path) -> None:
+    import json
+    import shutil
+
+    from tiny import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(tmp_path / "ckpt")
+    config = json.loads((path / "generation_config.json").read_text())
+    config.update(max_denoising_steps=7, t_max=0.7, t_min=0.3)
+    (path / "generation_config.json").write_text(json.dumps(config))
+    settings = Engine(load_model(path, device="cpu")).settings
+    assert (settings.max_denoising_steps, settings.t_max, settings.t_min) == (7, 0.7, 0.3)
+    shutil.move(path / "tokenizer.json", tmp_path / "elsewhere.json")
+    with pytest.raises(DgemmaError, match="no tokenizer"):
+        load_model(path, device="cpu")

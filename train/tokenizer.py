@@ -77,6 +77,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=BUNDLED)
     args = ap.parse_args(argv)
     sources = read_sources()
+    args.out.mkdir(parents=True, exist_ok=True)
     write_manifest(args.out / "CORPUS.txt", sources)
     tok = build_tokenizer([t for _, t in sources])
     save_bundled(tok, args.out)

@@ -1,6 +1,6 @@
 """Train the small DiffusionGemma code model that dgemma bundles.
 
-    python -m train.train --minutes 75 --out runs/bundled     # what shipped (2 shared CPU cores)
+    python -m train.train --minutes 70 --out runs/bundled     # what shipped (2 shared CPU cores)
     python -m train.train --steps 1600 --out runs/bundled     # step-based, fully deterministic
     python -m train.train --ship runs/bundled/best              # copy into daemon/bundled
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from train.config import CANVAS_LENGTH, VOCAB_SIZE, generation_config, model_config
+from train.config import VOCAB_SIZE, generation_config, model_config
 from train.corpus import read_sources, split
 from train.data import Batcher, ExampleMaker, collate
 from train.quickfill import pinned_onehot_logits, quick_fill
@@ -126,6 +126,7 @@ def ship(src: Path, dst: Path = BUNDLED, dtype: str = "bfloat16") -> None:
     state = {k: v.to(dt).contiguous() for k, v in state.items() if "vision" not in k}
     dst.mkdir(parents=True, exist_ok=True)
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(dst / "model.safetensors", 0o644)  # package data: world-readable
     cfg.save_pretrained(str(dst))
     generation_config().save_pretrained(str(dst))
     meta = json.loads((src / "train_state.json").read_text())
@@ -151,6 +152,8 @@ def main(argv=None) -> None:
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                     help="bf16 autocast for the forward/backward (weights and optimizer stay fp32)")
     ap.add_argument("--ship", type=Path, default=None, help="only ship this checkpoint")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start from this checkpoint's weights (continued training, new schedule)")
     ap.add_argument("--stop-file", type=Path, default=None,
                     help="stop cleanly (after a final checkpoint) when this file exists")
     args = ap.parse_args(argv)
@@ -167,7 +170,10 @@ def main(argv=None) -> None:
     tok = Tokenizer.from_file(str(BUNDLED / "tokenizer.json"))
     train_src, val_src = split(read_sources())
     log(f"corpus: {len(train_src)} train files, {len(val_src)} val files")
-    model = DiffusionGemmaForBlockDiffusion(model_config(args.preset))
+    if args.init_from:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(args.init_from, dtype=torch.float32)
+    else:
+        model = DiffusionGemmaForBlockDiffusion(model_config(args.preset))
     n_params = sum(p.numel() for n, p in model.named_parameters() if "vision" not in n)
     log(f"model: {n_params / 1e6:.2f} M parameters (without the vision stub)")
     model.train()
