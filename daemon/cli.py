@@ -297,6 +297,17 @@ def stop() -> None:
 def _alive(pid: Any) -> bool:
     if not isinstance(pid, int):
         return False
+    if sys.platform == "win32":  # os.kill(pid, 0) would send CTRL_C_EVENT there
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x00100000, False, pid)  # SYNCHRONIZE
+        if not handle:
+            return False
+        try:
+            return kernel32.WaitForSingleObject(handle, 0) == 0x102  # WAIT_TIMEOUT: still running
+        finally:
+            kernel32.CloseHandle(handle)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -387,7 +398,7 @@ def _check_daemon() -> list[Check]:
     path = socket_path()
     out: list[Check] = []
     folder = path.parent
-    if folder.exists():
+    if folder.exists() and hasattr(os, "getuid"):  # on Windows the user's profile folder is private
         st = folder.stat()
         if st.st_uid != os.getuid():
             out.append(("fail", f"{folder} belongs to uid {st.st_uid}, not you: set DGEMMA_RUNTIME_DIR"))
@@ -406,7 +417,7 @@ def _check_daemon() -> list[Check]:
             out.append(("warn", f"the daemon keeps its previous config: {st_['config_error']}"))
     except DaemonUnavailable:
         out.append(("ok", f"no daemon running at {path} (one starts on demand, or: dgemma serve --detach)"))
-    if path.exists():
+    if path.exists() and hasattr(os, "getuid"):
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
             out.append(("fail", f"socket {path} is mode {mode:o}: others may connect; `dgemma stop` and restart"))

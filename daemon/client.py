@@ -14,7 +14,6 @@ Async use (the language server)::
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import itertools
 import os
 import socket as _socket
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import protocol as proto
-from .config import ensure_private_dir, socket_path
+from .config import ensure_private_dir, lock_fd, read_tcp_info, socket_path, transport
 from .errors import DgemmaError
 
 DraftCallback = Callable[[dict[str, Any]], Any]
@@ -42,8 +41,21 @@ class DaemonUnavailable(DgemmaError):
         super().__init__("unavailable", message)
 
 
-def _hello_params() -> dict[str, Any]:
-    return {"protocol": proto.PROTOCOL_VERSION, "client": f"dgemma-python/{os.getpid()}"}
+def _hello_params(token: str | None = None) -> dict[str, Any]:
+    params: dict[str, Any] = {"protocol": proto.PROTOCOL_VERSION, "client": f"dgemma-python/{os.getpid()}"}
+    if token is not None:
+        params["token"] = token
+    return params
+
+
+def _tcp_endpoint(path: Path) -> tuple[int, str]:
+    """(port, token) of the TCP daemon whose files live next to `path`."""
+    try:
+        return read_tcp_info(path.parent)
+    except FileNotFoundError:
+        raise DaemonUnavailable(f"no daemon running in {path.parent} (start one with `dgemma serve --detach`)") from None
+    except ValueError as exc:
+        raise DaemonUnavailable(str(exc)) from None
 
 
 def _raise_error(msg: dict[str, Any]) -> None:
@@ -56,14 +68,14 @@ def _raise_error(msg: dict[str, Any]) -> None:
 class Client:
     """One connection, one request at a time (the command line needs no more)."""
 
-    def __init__(self, sock: _socket.socket, path: Path) -> None:
+    def __init__(self, sock: _socket.socket, path: Path, token: str | None = None) -> None:
         self.sock = sock
         self.path = path
         self._ids = itertools.count(1)
         self.greeting = proto.recv_frame(sock)
         if self.greeting.get("type") != "hello":
             raise DaemonUnavailable(f"{path} does not speak the dgemma protocol")
-        self.info = self._call("hello", _hello_params())
+        self.info = self._call("hello", _hello_params(token))
 
     @classmethod
     def connect(cls, path: Path | None = None, *, autostart: bool = False, model: str | None = None,
@@ -71,12 +83,19 @@ class Client:
         path = Path(path) if path else socket_path()
         if autostart:
             ensure_daemon(path, model=model, device=device)
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        token: str | None = None
+        if transport() == "tcp":
+            port, token = _tcp_endpoint(path)
+            sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+            address: Any = ("127.0.0.1", port)
+        else:
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            address = str(path)
         try:
             sock.settimeout(5.0)
-            sock.connect(str(path))
+            sock.connect(address)
             sock.settimeout(timeout)
-            return cls(sock, path)
+            return cls(sock, path, token)
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
             raise DaemonUnavailable(f"no daemon running at {path} (start one with `dgemma serve --detach`)") from None
@@ -150,8 +169,13 @@ class AsyncClient:
         path = Path(path) if path else socket_path()
         if autostart:
             await asyncio.to_thread(ensure_daemon, path, model=model, device=device)
+        token: str | None = None
         try:
-            reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 30)
+            if transport() == "tcp":
+                port, token = _tcp_endpoint(path)
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 30)
+            else:
+                reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 30)
         except (FileNotFoundError, ConnectionRefusedError):
             raise DaemonUnavailable(f"no daemon running at {path}") from None
         except OSError as exc:
@@ -162,7 +186,7 @@ class AsyncClient:
             if greeting.get("type") != "hello":
                 raise DaemonUnavailable(f"{path} does not speak the dgemma protocol")
             client._reader_task = asyncio.get_running_loop().create_task(client._read_loop())
-            client.info = await client.request("hello", _hello_params())
+            client.info = await client.request("hello", _hello_params(token))
         except proto.ConnectionClosed:
             await client.close()
             raise DaemonUnavailable(f"the daemon at {path} closed the connection") from None
@@ -301,10 +325,10 @@ def daemon_answers(path: Path | None = None, timeout: float = 2.0) -> bool:
 def _start_lock(folder: Path) -> Iterator[None]:
     fd = os.open(folder / "start.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        lock_fd(fd)
         yield
     finally:
-        os.close(fd)  # closing releases the flock
+        os.close(fd)  # closing releases the lock
 
 
 def serve_command(path: Path, model: str | None, device: str | None) -> list[str]:

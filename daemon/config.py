@@ -67,10 +67,60 @@ def socket_path() -> Path:
     return Path(env) if env else runtime_dir() / "daemon.sock"
 
 
+TCP_INFO = "daemon.tcp.json"
+
+
+def transport() -> str:
+    """"tcp" (loopback TCP + per-user token file) on Windows or with DGEMMA_TRANSPORT=tcp,
+    else "unix" (a Unix socket)."""
+    if sys.platform == "win32" or os.environ.get("DGEMMA_TRANSPORT", "").lower() == "tcp":
+        return "tcp"
+    return "unix"
+
+
+def tcp_info_path(folder: Path) -> Path:
+    """The TCP transport's {port, token, pid} file; it lives next to where the socket would."""
+    return folder / TCP_INFO
+
+
+def read_tcp_info(folder: Path) -> tuple[int, str]:
+    """(port, token) from the token file. FileNotFoundError when no daemon wrote one;
+    ValueError when it is unreadable."""
+    import json
+
+    try:
+        info = json.loads(tcp_info_path(folder).read_text(encoding="utf-8"))
+        return int(info["port"]), str(info["token"])
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{tcp_info_path(folder)} is unreadable ({exc})") from None
+
+
+def lock_fd(fd: int, blocking: bool = True) -> None:
+    """Exclusive lock on an open file; raises BlockingIOError when not `blocking` and
+    someone else holds it. Closing the fd releases it."""
+    if sys.platform == "win32":
+        # Untested here (no Windows CI): msvcrt locks a byte range; LK_LOCK retries for
+        # about 10 s and then raises OSError, LK_NBLCK fails at once.
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK, 1)
+        except OSError as exc:
+            raise BlockingIOError(str(exc)) from None
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def ensure_private_dir(path: Path) -> Path:
     """Create `path` with mode 0700 and refuse one that others can enter: anyone who can
     reach the socket can make the daemon read prompts and spend the GPU."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not hasattr(os, "getuid"):  # Windows: the per-user profile dir is private already
+        return path
     st = path.stat()
     if st.st_uid != os.getuid():
         raise DgemmaError("invalid_params", f"{path} belongs to another user; set DGEMMA_RUNTIME_DIR")

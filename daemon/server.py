@@ -1,4 +1,4 @@
-"""The resident daemon: an asyncio Unix-socket server in front of one model worker thread.
+"""The resident daemon: an asyncio Unix-socket (or loopback TCP) server in front of one model worker thread.
 
 Threads: the asyncio loop owns every socket and all connection state; the worker thread
 owns the engine (which is not thread-safe). They meet in the Scheduler (a lock and a
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import fcntl
+import hmac
 import json
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
@@ -21,7 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import protocol as proto
-from .config import Config, ConfigWatcher, config_path, ensure_private_dir, runtime_dir, socket_path
+from .config import (Config, ConfigWatcher, config_path, ensure_private_dir, lock_fd, runtime_dir, socket_path,
+                     tcp_info_path, transport)
 from .connection import Connection
 from .errors import DgemmaError
 from .loading import BUNDLED_MODEL_DIR
@@ -76,6 +78,10 @@ class Server:
         self._stopped: asyncio.Event | None = None
         self._worker: threading.Thread | None = None
         self._lock_fd: int | None = None
+        self.transport = transport()
+        # TCP only: the secret every connection must present in `hello`, and the port.
+        self.token: str | None = None
+        self.port: int | None = None
 
     # -- model ---------------------------------------------------------------------------
 
@@ -236,6 +242,7 @@ class Server:
         self.connections[conn.cid] = conn
         writer_task = asyncio.get_running_loop().create_task(conn.write_loop())
         conn.send(proto.hello(SERVER_NAME, os.getpid(), limits.max_frame_bytes))
+        authorized = self.transport != "tcp"  # TCP: nothing but a `hello` with the token until then
         try:
             while not conn.closed:
                 try:
@@ -250,8 +257,16 @@ class Server:
                     break
                 except DgemmaError as exc:
                     log.warning("client %d: %s", conn.cid, exc.message)
+                    if not authorized:
+                        await self._refuse(conn, None)
+                        break
                     conn.send(proto.error(None, exc.code, exc.message))
                     continue
+                if not authorized:
+                    if not self._token_ok(msg):
+                        await self._refuse(conn, msg.get("id") if isinstance(msg.get("id"), (int, str)) else None)
+                        break
+                    authorized = True
                 self._dispatch(conn, msg)
         except (ConnectionError, OSError):
             pass
@@ -266,6 +281,18 @@ class Server:
                 writer.close()
             except Exception:
                 pass
+
+    def _token_ok(self, msg: dict[str, Any]) -> bool:
+        """A `hello` whose params carry this daemon's token (compared in constant time)."""
+        params = msg.get("params")
+        token = params.get("token") if isinstance(params, dict) else None
+        return (msg.get("method") == "hello" and isinstance(token, str) and self.token is not None
+                and hmac.compare_digest(token.encode("utf-8", "replace"), self.token.encode("ascii")))
+
+    async def _refuse(self, conn: Connection, rid: Any) -> None:
+        log.warning("client %d: refused, no valid token in its first request", conn.cid)
+        conn.send(proto.error(rid, "unauthorized", "present the token from daemon.tcp.json in `hello` first"))
+        await conn.flush()
 
     def _disconnect(self, conn: Connection) -> None:
         conn.closed = True
@@ -315,7 +342,8 @@ class Server:
         running = self.scheduler.running
         return {
             "pid": os.getpid(), "server": SERVER_NAME, "protocol": proto.PROTOCOL_VERSION,
-            "socket": str(self.socket), "state": self.state,
+            "socket": f"tcp://127.0.0.1:{self.port}" if self.port is not None else str(self.socket),
+            "transport": self.transport, "state": self.state,
             "model": self.model_name, "model_spec": self.model_spec, "device": self.device_name,
             "load_error": self.load_error.message if self.load_error else None,
             "vram": _vram(), "queue_depth": self.scheduler.depth(),
@@ -412,7 +440,7 @@ class Server:
         lock = folder / "daemon.lock"
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_fd(fd, blocking=False)
         except BlockingIOError:
             os.close(fd)
             pid = _read_pid(folder)
@@ -423,6 +451,17 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         self._acquire_lock()
+        if self.transport == "tcp":
+            await self._listen_tcp()
+        else:
+            await self._listen_unix()
+        (self.socket.parent / "daemon.pid").write_text(json.dumps({"pid": os.getpid(), "socket": str(self.socket)}))
+        self._worker = threading.Thread(target=self._worker_main, name="dgemma-model", daemon=True)
+        self._worker.start()
+        self.watcher.start()
+        log.info("listening on %s (pid %d)", f"127.0.0.1:{self.port}" if self.port else self.socket, os.getpid())
+
+    async def _listen_unix(self) -> None:
         # We hold the lock, so a socket file left here belongs to a dead daemon.
         try:
             self.socket.unlink()
@@ -435,11 +474,23 @@ class Server:
         finally:
             os.umask(old_umask)
         os.chmod(self.socket, 0o600)
-        (self.socket.parent / "daemon.pid").write_text(json.dumps({"pid": os.getpid(), "socket": str(self.socket)}))
-        self._worker = threading.Thread(target=self._worker_main, name="dgemma-model", daemon=True)
-        self._worker.start()
-        self.watcher.start()
-        log.info("listening on %s (pid %d)", self.socket, os.getpid())
+
+    async def _listen_tcp(self) -> None:
+        """Loopback only, ephemeral port; the port and a fresh token go into a 0600 file in
+        the private runtime dir, so only this user's processes can learn the token."""
+        self.token = secrets.token_hex(32)  # before accepting: no connection ever sees it unset
+        self._server = await asyncio.start_server(self._handle, host="127.0.0.1", port=0, limit=64 * 1024)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        info = tcp_info_path(self.socket.parent)
+        tmp = info.with_name(f"{info.name}.{os.getpid()}.tmp")
+        try:
+            tmp.unlink()  # a leftover of a dead daemon with our pid; we hold the lock
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"port": self.port, "token": self.token, "pid": os.getpid()}, f)
+        os.replace(tmp, info)
 
     async def stop(self) -> None:
         if self._stopped is None or self._stopped.is_set():
@@ -460,7 +511,8 @@ class Server:
         for conn in list(self.connections.values()):
             await conn.flush(0.5)
             conn.abort()
-        for path in (self.socket, self.socket.parent / "daemon.pid"):
+        owned = [tcp_info_path(self.socket.parent)] if self.transport == "tcp" else [self.socket]
+        for path in (*owned, self.socket.parent / "daemon.pid"):
             try:
                 path.unlink()
             except FileNotFoundError:
