@@ -98,6 +98,7 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
     any_pinned = bool(pinned.any())
     pin_rows, pin_cols = pinned.nonzero(as_tuple=True)
     pin_values = canvas[pin_rows, pin_cols]
+    free_rows, free_cols = free.nonzero(as_tuple=True)
     free_count = free.sum(-1).clamp(min=1)
 
     current, argmax = canvas, canvas
@@ -116,30 +117,36 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
         if any_pinned:
             # Self-conditioning reads softmax(logits): -inf everywhere but the pinned token makes it
             # one-hot. Written in place: a (pinned x vocab) copy is hundreds of MB at 262k vocab.
-            logits.masked_fill_(pinned.unsqueeze(-1), float("-inf"))
+            logits[pin_rows, pin_cols] = float("-inf")
             logits[pin_rows, pin_cols, pin_values] = 0.0
-        sampled, entropy = (_sample_like_transformers if exact else _sample)(logits, generator)
-        if any_pinned:
-            entropy = entropy.masked_fill(pinned, 0.0)
-        new_argmax = logits.argmax(-1)
+            # Sampling works on the free positions only (a fill pins ~40% of the canvas); pinned
+            # ones keep their token and have entropy 0.
+            free_logits = logits[free_rows, free_cols]
+        else:
+            free_logits = logits.view(-1, vocab)
+        free_sampled, free_entropy = (_sample_like_transformers if exact else _sample)(free_logits, generator)
+        sampled, new_argmax = canvas.clone(), canvas.clone()
+        sampled[free_rows, free_cols] = free_sampled
+        new_argmax[free_rows, free_cols] = free_logits.argmax(-1)
+        entropy = torch.zeros((batch, canvas_length), dtype=free_entropy.dtype, device=device)
+        entropy[free_rows, free_cols] = free_entropy
 
         # Accept the k lowest-entropy positions whose summed entropy, less the largest, stays in bound.
         sorted_entropy, order = torch.sort(entropy, dim=-1)
         keep_sorted = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= settings.entropy_bound
         accept = torch.scatter(torch.zeros_like(keep_sorted), -1, order, keep_sorted)
-        accepted = torch.where(accept, sampled, current)
         noise = torch.randint(0, vocab, (batch, canvas_length), device=device, generator=generator)
-        new_current = torch.where(accept, accepted, noise)
+        new_current = torch.where(accept, sampled, noise)
         if any_pinned:
             new_current = torch.where(pinned, canvas, new_current)
-            new_argmax = torch.where(pinned, canvas, new_argmax)
 
-        # Rows that already stopped keep their canvas, argmax and logits.
+        # Rows that already stopped keep their canvas, argmax, logits and so their entropy (copied
+        # row by row: recomputing it over the whole batch cost more than the sampling itself).
         if finished.any():
             new_argmax = torch.where(finished[:, None], argmax, new_argmax)
             new_current = torch.where(finished[:, None], current, new_current)
-            logits = torch.where(finished[:, None, None], sc_logits, logits)
-            entropy = _entropy(logits).masked_fill(pinned, 0.0)
+            logits[finished] = sc_logits[finished].to(logits.dtype)
+            entropy = torch.where(finished[:, None], last_entropy, entropy)
         if settings.stability_threshold == 0:
             stable = torch.ones_like(finished)
         elif len(history) < settings.stability_threshold:
@@ -150,7 +157,7 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
         finished = finished | (stable & confident)
         if settings.stability_threshold:
             history = [*history, new_argmax][-settings.stability_threshold:]
-        current, argmax = new_current, new_argmax
+        current, argmax, last_entropy = new_current, new_argmax, entropy
         sc_logits = logits.to(embed_dtype)
         if on_step is not None:
             on_step(StepState(step=steps, argmax=argmax, entropy=entropy, finished=finished))
@@ -171,19 +178,18 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def _sample_like_transformers(logits: torch.Tensor, generator: torch.Generator | None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, V) logits -> (N,) tokens and entropies, with transformers' own draw."""
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    rows = probs.view(-1, probs.shape[-1])
-    return torch.multinomial(rows, 1, generator=generator).view(logits.shape[:-1]), _entropy(logits)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), _entropy(logits)
 
 
 def _sample(logits: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One uniform per position against the cumulative distribution, and the entropy from the
-    same probabilities (H = logsumexp - E[logit]). Positions with -inf logits (pinned) give NaN
-    entropy; the caller masks them."""
-    lse = logits.logsumexp(dim=-1, keepdim=True)
-    probs = torch.exp(logits - lse)
-    entropy = lse.squeeze(-1) - (probs * logits).sum(-1)
-    cdf = probs.view(-1, probs.shape[-1]).cumsum(-1)
+    """(N, V) logits -> (N,) tokens and entropies: one uniform per position against the cumulative
+    distribution, and the entropy from the same probabilities. The fused softmax and log-softmax
+    kernels, not exp() of shifted logits: at low temperature most log-probabilities lie far below
+    -87, where a plain exp() is 5-10x slower on a CPU (measured 144 ms vs 19 ms for 256 x 8192)."""
+    probs = torch.softmax(logits, dim=-1)
+    entropy = -(probs * torch.log_softmax(logits, dim=-1)).sum(-1)
+    cdf = probs.cumsum_(-1)
     u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
-    sampled = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)
-    return sampled.view(logits.shape[:-1]), entropy
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1), entropy

@@ -229,11 +229,13 @@ def test_entropy_matches_torch_distributions() -> None:
 def test_fast_sampler_draws_from_the_same_distribution() -> None:
     from dgemma.daemon.denoise import _entropy, _sample
 
-    logits = torch.tensor([[[2.0, 0.0, -1.0, 1.0]]]).repeat(1, 20000, 1)
-    sampled, entropy = _sample(logits, torch.Generator().manual_seed(0))
-    freq = torch.bincount(sampled.flatten(), minlength=4).float() / sampled.numel()
-    assert torch.allclose(freq, torch.softmax(logits[0, 0], -1), atol=0.01)
-    assert torch.allclose(entropy, _entropy(logits), atol=1e-5)
+    # The second row is a peaked low-temperature distribution whose tail underflows exp().
+    for row in ([2.0, 0.0, -1.0, 1.0], [0.0, -95.0, -2.0, -200.0]):
+        logits = torch.tensor([row]).repeat(20000, 1)
+        sampled, entropy = _sample(logits, torch.Generator().manual_seed(0))
+        freq = torch.bincount(sampled, minlength=4).float() / sampled.numel()
+        assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.01)
+        assert torch.allclose(entropy, _entropy(logits), atol=1e-5)
 
 
 def test_special_token_spellings_in_code_stay_text(engine: Engine) -> None:
