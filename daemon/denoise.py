@@ -99,6 +99,7 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
     pin_rows, pin_cols = pinned.nonzero(as_tuple=True)
     pin_values = canvas[pin_rows, pin_cols]
     free_rows, free_cols = free.nonzero(as_tuple=True)
+    free_index = free_rows * canvas_length + free_cols
     free_count = free.sum(-1).clamp(min=1)
 
     current, argmax = canvas, canvas
@@ -119,15 +120,11 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
             # one-hot. Written in place: a (pinned x vocab) copy is hundreds of MB at 262k vocab.
             logits[pin_rows, pin_cols] = float("-inf")
             logits[pin_rows, pin_cols, pin_values] = 0.0
-            # Sampling works on the free positions only (a fill pins ~40% of the canvas); pinned
-            # ones keep their token and have entropy 0.
-            free_logits = logits[free_rows, free_cols]
-        else:
-            free_logits = logits.view(-1, vocab)
-        free_sampled, free_entropy = (_sample_like_transformers if exact else _sample)(free_logits, generator)
+        # Pinned positions keep their token and have entropy 0: only free ones are sampled.
+        free_sampled, free_argmax, free_entropy = _sample_positions(logits, free_index, generator, exact)
         sampled, new_argmax = canvas.clone(), canvas.clone()
         sampled[free_rows, free_cols] = free_sampled
-        new_argmax[free_rows, free_cols] = free_logits.argmax(-1)
+        new_argmax[free_rows, free_cols] = free_argmax
         entropy = torch.zeros((batch, canvas_length), dtype=free_entropy.dtype, device=device)
         entropy[free_rows, free_cols] = free_entropy
 
@@ -166,6 +163,30 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
     # Each row's confidence in its own result, from the last step it was still denoising.
     logprobs = torch.log_softmax(sc_logits.float(), dim=-1).gather(-1, argmax.unsqueeze(-1)).squeeze(-1)
     return CanvasOutcome(argmax=argmax, logprobs=logprobs, steps=steps)
+
+
+# Bytes of one (positions x vocabulary) fp32 temporary while sampling. The sampler holds a few of
+# them; for a whole 256-token canvas at 262k vocabulary each would be 256 MiB.
+SAMPLE_CHUNK_BYTES = 32 << 20
+
+
+def _sample_positions(logits: torch.Tensor, index: torch.Tensor, generator: torch.Generator | None,
+                      exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sampled token, argmax and entropy at the flat canvas positions ``index`` of (B, C, V) logits,
+    a chunk of positions at a time so the sampler's temporaries stay small. The exact sampler takes
+    all positions in one call: transformers draws them that way, and its random stream depends on it."""
+    vocab = logits.shape[-1]
+    flat = logits.view(-1, vocab)
+    chunk = index.numel() if exact else max(1, SAMPLE_CHUNK_BYTES // (vocab * 4))
+    sampler = _sample_like_transformers if exact else _sample
+    tokens, argmax, entropy = [], [], []
+    for start in range(0, index.numel(), chunk):
+        rows = flat[index[start:start + chunk]]
+        drawn, h = sampler(rows, generator)
+        tokens.append(drawn)
+        argmax.append(rows.argmax(-1))
+        entropy.append(h)
+    return torch.cat(tokens), torch.cat(argmax), torch.cat(entropy)
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
