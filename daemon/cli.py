@@ -36,13 +36,26 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def _status_line(text: str) -> None:
+    """A transient line on a terminal's stderr: the next one (or _clear_status_line) replaces it."""
+    print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
+
+
+def _clear_status_line() -> None:
+    _status_line("")
+
+
+def _loading_notice() -> None:
+    _status_line("dgemma: loading model…")
+
+
 # ---- running a request: through the daemon or in this process ----------------------------
 
 def _run_request(method: str, params: dict[str, Any], *, no_daemon: bool, model: str | None,
                  device: str | None = None) -> dict[str, Any]:
     if no_daemon:
         return _run_in_process(method, params, model=model, device=device)
-    from .client import Client
+    from .client import Client, DaemonUnavailable
 
     progress = sys.stderr.isatty()
     params = dict(params, stream=progress)
@@ -50,21 +63,30 @@ def _run_request(method: str, params: dict[str, Any], *, no_daemon: bool, model:
         params["model"] = model
 
     def on_draft(d: dict[str, Any]) -> None:
-        print(f"\rdenoising: step {d.get('step')}, canvas {d.get('canvas')}   ", end="", file=sys.stderr, flush=True)
+        _status_line(f"denoising: step {d.get('step')}, canvas {d.get('canvas')}")
 
     with Client.connect(autostart=True, model=model, device=device) as client:
         try:
+            try:
+                client.wait_loaded(on_loading=_loading_notice if progress else None)
+            except DaemonUnavailable:
+                raise
+            except DgemmaError as exc:
+                # The daemon stays up (its config watcher may heal it): say how to get past it.
+                raise DgemmaError(exc.code, f"the daemon has no model: {exc.message} (fix the config, "
+                                            "or `dgemma stop`)") from None
             return client.request(method, params, on_draft=on_draft if progress else None)
         finally:
             if progress:
-                print("\r\033[K", end="", file=sys.stderr, flush=True)
+                _clear_status_line()
 
 
 def _run_in_process(method: str, params: dict[str, Any], *, model: str | None, device: str | None) -> dict[str, Any]:
     from .config import load_config
+
+    config = load_config()  # before the imports below pull in torch: a bad file fails at once
     from .server import engine_kwargs, result_payload
 
-    config = load_config()
     kwargs = engine_kwargs(method, params, config.limits)
     settings = {**config.sampler, **params.get("settings", {})}
     spec = model or os.environ.get("DGEMMA_MODEL") or config.model
@@ -80,6 +102,33 @@ def _run_in_process(method: str, params: dict[str, Any], *, model: str | None, d
 
 def _settings(steps: int | None) -> dict[str, Any]:
     return {"max_denoising_steps": steps} if steps else {}
+
+
+def _regeneration_budget(selection: str) -> int:
+    """max_tokens for regenerating `selection` as fill-in-the-middle: 1.5x its estimated tokens
+    plus slack, so a large region is not silently cut short, within the config's limit."""
+    from .config import Limits, load_config
+
+    try:
+        cap = load_config().limits.max_tokens
+    except DgemmaError:
+        cap = Limits().max_tokens  # the daemon reports the bad file itself (`dgemma status`)
+    estimate = len(selection.encode("utf-8")) // 3 + 1  # code runs ~3-4 bytes a token: errs high
+    budget = estimate * 3 // 2 + 64
+    if budget > cap:
+        _say(f"dgemma: the selection is about {estimate} tokens; regenerating it with at most {cap} "
+             "(limits.max_tokens) may cut it short")
+    return min(budget, cap)
+
+
+def _same_final_newline(selection: str, new_text: str) -> str:
+    """`new_text` ending like `selection`: the range is whole lines, so its line break stays
+    (the next line is not glued on), and the file's last line gets none it did not have."""
+    if not new_text:
+        return new_text
+    if selection.endswith("\n"):
+        return new_text if new_text.endswith("\n") else new_text + "\n"
+    return new_text.rstrip("\r\n")
 
 
 # ---- edit / fill / undo -------------------------------------------------------------------
@@ -120,14 +169,13 @@ def edit(
     if max_tokens:
         params["max_tokens"] = max_tokens
     if message is not None:
+        # The engine sizes an edit's budget from the selection itself.
         params.update(selection=selection, instruction=message, strength=strength)
         res = _run_request("edit", params, no_daemon=no_daemon, model=model)
     else:
+        params.setdefault("max_tokens", _regeneration_budget(selection))
         res = _run_request("fill", params, no_daemon=no_daemon, model=model)
-    new_text = res["completions"][0]["text"] if res.get("completions") else ""
-    # The range is whole lines: keep it whole lines so the next line is not glued on.
-    if new_text and selection.endswith("\n") and not new_text.endswith("\n"):
-        new_text += "\n"
+    new_text = _same_final_newline(selection, res["completions"][0]["text"] if res.get("completions") else "")
     new_bytes = replace_lines(src, start, end, new_text)
     if new_bytes == src.raw:
         _say(f"dgemma: no change to {src.shown}:{start}-{end}")
@@ -141,7 +189,8 @@ def edit(
         return
     if not yes:
         if not (sys.stdin.isatty() and sys.stdout.isatty()):
-            return  # not interactive and not told to apply: the diff is the answer
+            _say("dgemma: not applied (use --yes to apply)")  # the diff alone is the answer
+            return
         if not typer.confirm("Apply this change?", default=False):
             _say("dgemma: not applied")
             return
@@ -208,29 +257,51 @@ def serve(
 
     path = socket or socket_path()
     if detach:
-        from .client import _start_lock, daemon_answers, spawn_daemon
-        from .config import ensure_private_dir
-
-        with _start_lock(ensure_private_dir(path.parent)):
-            if daemon_answers(path):
-                raise DgemmaError("invalid_request", f"a daemon is already running at {path}")
-            pid = spawn_daemon(path, model=model, device=device)
-        print(f"dgemma daemon running (pid {pid}, socket {path})")
+        _serve_detached(path, model, device)
         return
     from . import server
     from .config import Config, load_config
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config_error = None
     try:
         config = load_config()
     except DgemmaError as exc:
         # An editor auto-starting the daemon should not fail over a config typo; status shows it.
         logging.getLogger("dgemma").error("invalid config, using defaults: %s", exc.message)
-        config = Config()
-    srv = server.Server(config, model=model, device=device, socket=path, progress=sys.stderr.isatty())
+        config, config_error = Config(), exc.message
+    srv = server.Server(config, model=model, device=device, socket=path, progress=sys.stderr.isatty(),
+                        config_error=config_error)
     import asyncio
     asyncio.run(srv.serve_forever())
+
+
+def _serve_detached(path: Path, model: str | None, device: str | None) -> None:
+    """Start the daemon in the background and wait for its model. One that cannot load it
+    is stopped again: the user asked for a working daemon, and a retry must not find this one."""
+    from .client import Client, DaemonUnavailable, _start_lock, daemon_answers, spawn_daemon
+    from .config import ensure_private_dir
+
+    with _start_lock(ensure_private_dir(path.parent)):
+        if daemon_answers(path):
+            raise DgemmaError("invalid_request", f"a daemon is already running at {path}")
+        pid = spawn_daemon(path, model=model, device=device)
+    notice = sys.stderr.isatty()
+    logfile = path.parent / "daemon.log"
+    with Client.connect(path) as client:
+        try:
+            client.wait_loaded(on_loading=_loading_notice if notice else None)
+        except DaemonUnavailable as exc:
+            raise DaemonUnavailable(f"{exc.message} while it loaded the model (log: {logfile})") from None
+        except DgemmaError as exc:
+            client.request("shutdown")
+            _wait_gone(pid)
+            raise DgemmaError(exc.code, f"{exc.message} (the daemon stopped; log: {logfile})") from None
+        finally:
+            if notice:
+                _clear_status_line()
+    print(f"dgemma daemon running (pid {pid}, socket {path})")
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -286,12 +357,17 @@ def stop() -> None:
     except DaemonUnavailable:
         _say(f"dgemma: no daemon running at {socket_path()}")
         return
-    deadline = time.monotonic() + 30
+    _wait_gone(pid)
+    _say(f"dgemma: daemon stopped (pid {pid})")
+
+
+def _wait_gone(pid: Any, timeout: float = 30) -> None:
+    """Wait for a daemon told to shut down to exit."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.05)
     if _alive(pid):
-        raise DgemmaError("internal", f"the daemon (pid {pid}) did not stop within 30 s")
-    _say(f"dgemma: daemon stopped (pid {pid})")
+        raise DgemmaError("internal", f"the daemon (pid {pid}) did not stop within {timeout:.0f} s")
 
 
 def _alive(pid: Any) -> bool:
@@ -327,68 +403,125 @@ def _alive(pid: Any) -> bool:
 Check = tuple[str, str]  # (ok | warn | fail, text)
 
 
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver version as nvidia-smi reports it; None without one."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if out.returncode == 0 and lines else None
+
+
 def _check_torch() -> tuple[list[Check], Any]:
     try:
         import torch
     except Exception as exc:
         return [("fail", f"torch does not import ({exc}); reinstall it: pip install torch")], None
     out: list[Check] = [("ok", f"torch {torch.__version__}")]
+    driver = _nvidia_driver()
     if not torch.cuda.is_available():
-        out.append(("warn", "no CUDA GPU visible: the model runs on CPU (fine for the bundled model, "
-                            "far too slow for 26B-A4B; install the CUDA build of torch on a GPU machine)"))
+        if driver and torch.version.cuda is None:
+            out.append(("warn", f"NVIDIA driver {driver} is installed but this torch is a CPU build: "
+                                "install the CUDA build of torch"))
+        elif driver:
+            out.append(("warn", f"NVIDIA driver {driver} is installed but torch (CUDA {torch.version.cuda}) sees no "
+                                "GPU: the driver may be too old for that CUDA, or CUDA_VISIBLE_DEVICES hides the GPU"))
+        else:
+            out.append(("warn", "no CUDA GPU visible: the model runs on CPU (fine for the bundled model, "
+                                "far too slow for 26B-A4B; install the CUDA build of torch on a GPU machine)"))
         return out, None
     idx = torch.cuda.current_device()
     props = torch.cuda.get_device_properties(idx)
     free, total = torch.cuda.mem_get_info(idx)
-    out.append(("ok", f"GPU {props.name} (compute {props.major}.{props.minor}), CUDA {torch.version.cuda}, "
-                      f"{_fmt_bytes(free)} free of {_fmt_bytes(total)}"))
+    out.append(("ok", f"GPU {props.name} (compute {props.major}.{props.minor}), NVIDIA driver {driver or '?'}, "
+                      f"CUDA runtime {torch.version.cuda}, {_fmt_bytes(free)} free of {_fmt_bytes(total)}"))
     return out, free
 
 
-def _check_plan(model_path: Path | None, free: int | None) -> list[Check]:
-    """Free VRAM against dgemma.quant's memory plan, when that module offers one."""
-    try:
-        from dgemma.quant import plan as quant_plan  # type: ignore[attr-defined]
-    except Exception:
+def _plan_bytes(model_path: Path, quantization: str | None) -> tuple[int, str]:
+    """Bytes dgemma.quant's memory plan needs for the model as the daemon loads it, and how
+    its weights are stored then."""
+    from dgemma.quant import plan as quant_plan
+    from dgemma.quant.meta import load_config as load_model_config
+    from dgemma.quant.reader import quant_format
+
+    if quantization is None or quant_format(model_path) is not None:
+        return quant_plan.plan_for_checkpoint(str(model_path)).total, "as stored"
+    # A bf16 checkpoint quantized while it loads, as load_quantized_into(quantize=) does it:
+    # experts in that format, and the layers' Linears in NF4 as well for nf4.
+    dense = "nf4" if quantization == "nf4" else None
+    plan = quant_plan.plan(load_model_config(str(model_path)), 0, experts_format=quantization, dense_format=dense)
+    return plan.total, f"quantized to {quantization} while loading"
+
+
+def _check_plan(model_path: Path | None, free: int | None, quantization: str | None = None) -> list[Check]:
+    """Free VRAM against the model's memory plan (with the configured quantization)."""
+    if model_path is None:
         return []
-    fn = next((getattr(quant_plan, n) for n in ("plan_for_checkpoint", "memory_plan", "plan") if
-               callable(getattr(quant_plan, n, None))), None)
-    if fn is None or model_path is None:
-        return []
     try:
-        plan = fn(model_path)
-        need = plan if isinstance(plan, int) else next(
-            int(getattr(plan, n)) for n in ("total_bytes", "total", "bytes") if hasattr(plan, n))
+        need, how = _plan_bytes(model_path, quantization)
     except Exception as exc:
         return [("warn", f"could not compute the memory plan for {model_path}: {type(exc).__name__}: {exc}")]
     if free is None:
-        return [("ok", f"the model's plan needs {_fmt_bytes(need)} (no GPU to compare with)")]
+        return [("ok", f"the model's plan ({how}) needs {_fmt_bytes(need)} (no GPU to compare with)")]
     if need > free:
-        return [("fail", f"the model's plan needs {_fmt_bytes(need)} but only {_fmt_bytes(free)} is free: "
+        return [("fail", f"the model's plan ({how}) needs {_fmt_bytes(need)} but only {_fmt_bytes(free)} is free: "
                          "close other GPU programs or choose 4-bit quantization in the config")]
-    return [("ok", f"the model's plan needs {_fmt_bytes(need)}; {_fmt_bytes(free)} free")]
+    return [("ok", f"the model's plan ({how}) needs {_fmt_bytes(need)}; {_fmt_bytes(free)} free")]
 
 
-def _check_model(model: str | None) -> tuple[list[Check], Path | None]:
+def _check_config() -> tuple[list[Check], Any]:
+    """The config file's verdict, and the config (None when it is invalid)."""
     from .config import load_config
 
     try:
-        config = load_config()
-        config_note: list[Check] = []
+        return [], load_config()
     except DgemmaError as exc:
-        config, config_note = None, [("fail", f"config: {exc.message} (fix the file; the daemon uses the "
-                                              "previous or default config meanwhile)")]
+        return [("fail", f"config: {exc.message} (fix the file; the daemon uses the previous or default "
+                         "config meanwhile)")], None
+
+
+def _check_model(model: str | None, config: Any) -> tuple[list[Check], Path | None]:
     spec = model or os.environ.get("DGEMMA_MODEL") or (config.model if config else None)
     try:
         from .loading import resolve_model_path
         path = resolve_model_path(spec)
     except DgemmaError as exc:
-        return config_note + [("fail", exc.message)], None
+        return [("fail", exc.message)], None
     weights = sorted(path.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in weights)
     if not weights:
-        return config_note + [("fail", f"model {path}: no .safetensors weights (copy the checkpoint there)")], path
-    return config_note + [("ok", f"model files in {path}: {len(weights)} weight file(s), {_fmt_bytes(size)}")], path
+        return [("fail", f"model {path}: no .safetensors weights (copy the checkpoint there)")], path
+    return [("ok", f"model files in {path}: {len(weights)} weight file(s), {_fmt_bytes(size)}")], path
+
+
+def _check_runtime_dir(folder: Path) -> list[Check]:
+    if not folder.exists():
+        base = folder.parent
+        while not base.exists() and base != base.parent:
+            base = base.parent
+        if base.is_dir() and os.access(base, os.W_OK | os.X_OK):
+            return [("ok", f"runtime dir {folder} is created on first use")]
+        return [("fail", f"runtime dir {folder} cannot be created ({base} is not a folder you can write to): "
+                         "set DGEMMA_RUNTIME_DIR")]
+    if not folder.is_dir():
+        return [("fail", f"runtime dir {folder} is not a folder: set DGEMMA_RUNTIME_DIR")]
+    if not hasattr(os, "getuid"):  # on Windows the user's profile folder is private
+        return []
+    st = folder.stat()
+    if st.st_uid != os.getuid():
+        return [("fail", f"{folder} belongs to uid {st.st_uid}, not you: set DGEMMA_RUNTIME_DIR")]
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        return [("fail", f"{folder} is mode {stat.S_IMODE(st.st_mode):o}, others can enter it: chmod 700 {folder}")]
+    return [("ok", f"runtime dir {folder} is private (700)")]
 
 
 def _check_daemon() -> list[Check]:
@@ -396,25 +529,19 @@ def _check_daemon() -> list[Check]:
     from .config import socket_path
 
     path = socket_path()
-    out: list[Check] = []
-    folder = path.parent
-    if folder.exists() and hasattr(os, "getuid"):  # on Windows the user's profile folder is private
-        st = folder.stat()
-        if st.st_uid != os.getuid():
-            out.append(("fail", f"{folder} belongs to uid {st.st_uid}, not you: set DGEMMA_RUNTIME_DIR"))
-        elif stat.S_IMODE(st.st_mode) & 0o077:
-            out.append(("fail", f"{folder} is mode {stat.S_IMODE(st.st_mode):o}, others can enter it: chmod 700 {folder}"))
-        else:
-            out.append(("ok", f"runtime dir {folder} is private (700)"))
+    out = _check_runtime_dir(path.parent)
     try:
         with Client.connect(path, timeout=5) as c:
             st_ = c.request("status")
         out.append(("ok", f"daemon answers at {path} (pid {st_['pid']}, model {st_.get('model') or '-'}, "
                           f"{st_['state']})"))
-        if st_.get("load_error"):
+        if st_["state"] == "error":
             out.append(("fail", f"the daemon could not load its model: {st_['load_error']}"))
+        elif st_.get("load_error") and not st_.get("config_error"):  # else config_error below says it
+            out.append(("warn", f"the daemon could not reload its model, the previous one serves: "
+                                f"{st_['load_error']}"))
         if st_.get("config_error"):
-            out.append(("warn", f"the daemon keeps its previous config: {st_['config_error']}"))
+            out.append(("warn", f"daemon config: {st_['config_error']} (the daemon keeps its previous config)"))
     except DaemonUnavailable:
         out.append(("ok", f"no daemon running at {path} (one starts on demand, or: dgemma serve --detach)"))
     if path.exists() and hasattr(os, "getuid"):
@@ -428,8 +555,10 @@ def _check_daemon() -> list[Check]:
 
 def run_checks(model: str | None = None) -> list[Check]:
     checks, free = _check_torch()
-    model_checks, path = _check_model(model)
-    return checks + _check_plan(path, free) + model_checks + _check_daemon()
+    config_checks, config = _check_config()
+    model_checks, path = _check_model(model, config)
+    plan_checks = _check_plan(path, free, config.quantization if config else None)
+    return checks + plan_checks + config_checks + model_checks + _check_daemon()
 
 
 @app.command()

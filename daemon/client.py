@@ -30,7 +30,7 @@ from .errors import DgemmaError
 
 DraftCallback = Callable[[dict[str, Any]], Any]
 # Starting a daemon returns as soon as its socket answers (it loads the model after
-# that), so this only needs to cover a Python start-up on a busy machine.
+# that: Client.wait_loaded), so this only needs to cover a Python start-up on a busy machine.
 START_TIMEOUT = 60.0
 
 
@@ -131,6 +131,20 @@ class Client:
                 on_draft: DraftCallback | None = None) -> dict[str, Any]:
         """Send one request; returns its result, raises DgemmaError for its error."""
         return self._call(method, params, on_draft)
+
+    def wait_loaded(self, on_loading: Callable[[], None] | None = None, poll: float = 0.1) -> dict[str, Any]:
+        """Block while the daemon loads its model, calling `on_loading` once if it is; returns
+        the daemon's status. Raises DgemmaError(model_missing) with the daemon's reason when it
+        has no model because the load failed."""
+        st = self.request("status")
+        if st.get("state") == "loading" and on_loading is not None:
+            on_loading()
+        while st.get("state") == "loading":
+            time.sleep(poll)
+            st = self.request("status")
+        if st.get("state") == "error":
+            raise DgemmaError("model_missing", str(st.get("load_error") or "the daemon could not load its model"))
+        return st
 
     def close(self) -> None:
         try:
@@ -347,10 +361,16 @@ def spawn_daemon(path: Path, model: str | None = None, device: str | None = None
     line when it dies first."""
     folder = ensure_private_dir(path.parent)
     logfile = folder / "daemon.log"
+    if sys.platform == "win32":
+        # No sessions there: a process group of its own and no console, so closing the
+        # terminal or Ctrl+C in it does not reach the daemon.
+        detach: dict[str, Any] = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.DETACHED_PROCESS}
+    else:
+        detach = {"start_new_session": True}
     with open(logfile, "ab") as out:
         start_at = out.tell()
         proc = subprocess.Popen(serve_command(path, model, device), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+                                stderr=subprocess.STDOUT, close_fds=True, **detach)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

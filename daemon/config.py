@@ -18,6 +18,7 @@ import platformdirs
 
 from .errors import DgemmaError
 from .protocol import DEFAULT_MAX_FRAME
+from .sampling import SamplerSettings
 
 try:
     import tomllib
@@ -115,17 +116,26 @@ def lock_fd(fd: int, blocking: bool = True) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def io_error(exc: OSError, what: str, hint: str = "") -> DgemmaError:
+    """An OSError as the one-line `io_error` the command line prints: `what` failed, why, and
+    what to do about it."""
+    return DgemmaError("io_error", f"{what}: {exc.strerror or exc}" + (f"; {hint}" if hint else ""))
+
+
 def ensure_private_dir(path: Path) -> Path:
     """Create `path` with mode 0700 and refuse one that others can enter: anyone who can
     reach the socket can make the daemon read prompts and spend the GPU."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not hasattr(os, "getuid"):  # Windows: the per-user profile dir is private already
-        return path
-    st = path.stat()
-    if st.st_uid != os.getuid():
-        raise DgemmaError("invalid_params", f"{path} belongs to another user; set DGEMMA_RUNTIME_DIR")
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(path, 0o700)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not hasattr(os, "getuid"):  # Windows: the per-user profile dir is private already
+            return path
+        st = path.stat()
+        if st.st_uid != os.getuid():
+            raise DgemmaError("invalid_params", f"{path} belongs to another user; set DGEMMA_RUNTIME_DIR")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.chmod(path, 0o700)
+    except OSError as exc:
+        raise io_error(exc, f"cannot create the private folder {path}", "set DGEMMA_RUNTIME_DIR") from None
     return path
 
 
@@ -159,9 +169,15 @@ class Config:
 
 
 _TOP = {"model", "device", "dtype", "quantization", "sampler", "limits"}
+# The names dgemma.daemon.loading and dgemma.quant accept, spelled out here because both
+# import torch and the config is read on paths that must start fast (a test keeps them in step).
+DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
+QUANTIZATIONS = ("nvfp4", "nf4")
 
 
 def parse_config(text: str, source: str = "config.toml") -> Config:
+    """The config in `text`; DgemmaError(invalid_params) naming `source` for anything that
+    would only fail later, at model load or on every request."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -178,9 +194,17 @@ def parse_config(text: str, source: str = "config.toml") -> Config:
             kwargs[key] = data[key]
     if "model" in kwargs:
         kwargs["model"] = os.path.expanduser(kwargs["model"])
+    for key, names in (("dtype", DTYPES), ("quantization", QUANTIZATIONS)):
+        if key in kwargs and kwargs[key] not in names:
+            raise DgemmaError("invalid_params", f"{source}: `{key}` = {kwargs[key]!r} is not one of {', '.join(names)}")
     sampler = data.get("sampler", {})
     if not isinstance(sampler, dict):
         raise DgemmaError("invalid_params", f"{source}: [sampler] must be a table")
+    try:
+        # Against the built-in defaults: a typo or a bad value is caught here, not on every request.
+        SamplerSettings.from_mapping(sampler)
+    except DgemmaError as exc:
+        raise DgemmaError("invalid_params", f"{source}: [sampler]: {exc.message}") from None
     kwargs["sampler"] = dict(sampler)
     limits = data.get("limits", {})
     if not isinstance(limits, dict):
@@ -220,9 +244,10 @@ class ConfigWatcher:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
-    def reload(self) -> tuple[Config, bool]:
-        """Read the file now. Returns (config in force, whether it changed); raises
-        DgemmaError (and keeps the old config) when the file is invalid."""
+    def reload(self, notify: bool = True) -> tuple[Config, bool]:
+        """Read the file now. Returns (its config, whether it changed); raises DgemmaError
+        (and keeps the old config) when the file is invalid. `notify=False` leaves applying
+        a change to the caller."""
         try:
             new = load_config(self.path)
         except DgemmaError as exc:
@@ -233,7 +258,7 @@ class ConfigWatcher:
         old, self.current = self.current, new
         if changed:
             log.info("config reloaded from %s", self.path)
-            if self._on_change is not None:
+            if notify and self._on_change is not None:
                 res = self._on_change(old, new)
                 if asyncio.iscoroutine(res):
                     asyncio.get_running_loop().create_task(res)

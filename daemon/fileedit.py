@@ -6,6 +6,7 @@ it stays byte-identical, mixed line endings and BOM included.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from glob import escape as glob_escape
 from pathlib import Path
 
-from .config import data_dir
+from .config import data_dir, io_error
 from .errors import DgemmaError
 
 BOM = b"\xef\xbb\xbf"
@@ -163,14 +164,25 @@ def atomic_write(path: Path, data: bytes, expected: Snapshot | None, mode: int |
     old file or the new one, never a mix: temp file in the same folder, fsync, rename,
     fsync of the folder. Refuses with `file_changed` when the file on disk no longer
     matches `expected`; the check runs after the temp file is ready, just before the
-    rename, to keep the window as small as we can without a lock editors would honour."""
+    rename, to keep the window as small as we can without a lock editors would honour.
+    An OSError (disk full, no permission) becomes a one-line `io_error`; the file is untouched."""
+    try:
+        return _atomic_write(path, data, expected, mode)
+    except OSError as exc:
+        raise io_error(exc, f"cannot write {path}") from None
+
+
+def _atomic_write(path: Path, data: bytes, expected: Snapshot | None, mode: int | None) -> Snapshot:
     folder = path.parent
     _sweep_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".dgemma-tmp", dir=folder)
     try:
         try:
             if mode is not None:
-                os.fchmod(fd, mode)
+                if hasattr(os, "fchmod"):
+                    os.fchmod(fd, mode)
+                else:  # Windows before Python 3.13
+                    os.chmod(tmp, mode)
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)
@@ -242,15 +254,21 @@ class UndoStore:
     def save(self, path: Path, previous: bytes, mode: int, written_sha256: str) -> Path:
         """Remember `previous` before `path` is replaced by content hashing to
         `written_sha256`. Call before the write, so a crash right after the rename still
-        leaves a way back; `discard` the returned entry if the write is refused."""
+        leaves a way back; `discard` the returned entry if the write is refused. An OSError
+        becomes a one-line `io_error` (and the caller then writes nothing)."""
         folder = self._folder(path)
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         stamp = f"{time.time_ns():020d}"
-        (folder / f"{stamp}.bak").write_bytes(previous)
-        meta = {"path": str(path.resolve()), "mode": mode, "written_sha256": written_sha256, "time": time.time()}
         entry = folder / f"{stamp}.json"
-        # meta last: an entry without meta (a crash in between) is ignored.
-        entry.write_text(json.dumps(meta))
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            entry.with_suffix(".bak").write_bytes(previous)
+            meta = {"path": str(path.resolve()), "mode": mode, "written_sha256": written_sha256, "time": time.time()}
+            # meta last: an entry without meta (a crash in between) is ignored.
+            entry.write_text(json.dumps(meta))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self.discard(entry)
+            raise io_error(exc, f"cannot save the undo copy of {path} in {self.root}", "nothing was written") from None
         entries = sorted(folder.glob("*.json"))
         for old in entries[:-KEEP_PER_FILE]:
             old.unlink(missing_ok=True)

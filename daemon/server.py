@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import hmac
 import json
 import logging
@@ -52,7 +53,9 @@ class Server:
     def __init__(self, config: Config, *, model: str | None = None, device: str | None = None,
                  socket: Path | None = None, config_file: Path | None = None,
                  engine_factory: Callable[[Config, str | None, str | None], Any] | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, config_error: str | None = None) -> None:
+        """`config` is the config in force; `config_error` says why the file could not be
+        used at start-up (status shows it until the file is fixed)."""
         self.config = config
         self.cli_model = model
         self.cli_device = device
@@ -62,12 +65,16 @@ class Server:
         self.progress = progress
         self.scheduler = Scheduler()
         self.watcher = ConfigWatcher(self.config_file, config, self._config_changed)
+        self.watcher.error = config_error
+        # Why the file's latest valid config is not in force (its model did not load).
+        self.apply_error: str | None = None
         self.engine: Any = None
         self.model_name: str | None = None
         self.model_spec: str | None = self._model_spec(config)
         self.device_name: str | None = None
         self.state = "loading"
         self.load_error: DgemmaError | None = None
+        self.loads = 0  # successful model loads, so `reload` can tell whether one happened
         self.started = time.time()
         self.served = 0
         self.served_by_method: collections.Counter[str] = collections.Counter()
@@ -94,42 +101,62 @@ class Server:
             return os.environ["DGEMMA_MODEL"]
         return config.model
 
-    def _load(self, config: Config) -> None:
-        """Worker thread: (re)load the engine. A failure leaves the daemon up, answering
-        fill/edit with the load error, so `dgemma status` can say what went wrong."""
+    def _load(self, config: Config) -> bool:
+        """Worker thread: load the model `config` asks for; returns whether it loaded. The
+        engine in service keeps serving until the new one is ready and stays when the load
+        fails (load_error says why). With no engine to fall back on, the daemon stays up in
+        state `error`, answering fill/edit with the load error, so `dgemma status` can say
+        what went wrong."""
         spec = self._model_spec(config)
         self.state = "loading"
-        if self.engine is not None:
-            # Free the old model before loading the new one: both rarely fit on the GPU.
-            self.engine = None
-            import gc
-            gc.collect()
-            _empty_cuda_cache()
         t0 = time.monotonic()
         log.info("loading model %s", spec or "(bundled)")
-        stop_spinner = _spinner("loading model") if self.progress else None
+        stop_spinner = _spinner(f"loading {spec or 'the bundled model'}") if self.progress else None
+        error: DgemmaError | None = None
         try:
-            engine = self.engine_factory(config, spec, self.cli_device or config.device)
+            engine = self._build_engine(config, spec)
         except DgemmaError as exc:
-            self.load_error, self.state = exc, "error"
-            log.error("cannot load the model: %s", exc.message)
-            return
+            error = exc
         except Exception as exc:
-            self.load_error = DgemmaError("model_missing", f"cannot load the model: {type(exc).__name__}: {exc}")
-            self.state = "error"
-            log.error("cannot load the model:\n%s", traceback.format_exc())
-            return
+            log.error("model load failed:\n%s", traceback.format_exc())
+            error = DgemmaError("model_missing", f"cannot load the model: {type(exc).__name__}: {exc}")
         finally:
             if stop_spinner:
                 stop_spinner()
+        if error is not None:
+            self.load_error = error
+            if self.engine is None:
+                self.model_spec, self.state = spec, "error"
+                log.error("cannot load the model: %s", error.message)
+            else:
+                self.state = "ready"
+                log.error("cannot load the model, %s keeps serving: %s", self.model_name, error.message)
+            return False
         self.engine = engine
         self.model_spec = spec
         loaded = getattr(engine, "loaded", None) or getattr(engine, "model", None)
         self.model_name = str(getattr(loaded, "name", None) or spec or "bundled")
         self.device_name = str(getattr(loaded, "device", "") or "") or None
         self.load_error = None
+        self.loads += 1
         self.state = "ready"
         log.info("model %s ready on %s in %.1f s", self.model_name, self.device_name, time.monotonic() - t0)
+        return True
+
+    def _build_engine(self, config: Config, spec: str | None) -> Any:
+        device = self.cli_device or config.device
+        try:
+            return self.engine_factory(config, spec, device)
+        except Exception as exc:
+            if self.engine is None or not _is_oom(exc):
+                raise
+        # Two models rarely fit on one GPU: give up the one in service and try once more.
+        log.warning("the new model does not fit next to %s; unloading that one first", self.model_name)
+        self.engine = None
+        self.model_name = self.device_name = None
+        gc.collect()
+        _empty_cuda_cache()
+        return self.engine_factory(config, spec, device)
 
     def _worker_main(self) -> None:
         self._load(self.config)
@@ -190,6 +217,8 @@ class Server:
         return payload
 
     def _error_reply(self, job: Job, exc: DgemmaError) -> dict[str, Any] | None:
+        if exc.code not in ("cancelled", "deadline"):
+            log.warning("client %d: %s %r failed: %s: %.300s", job.conn.cid, job.method, job.id, exc.code, exc.message)
         if exc.code in ("cancelled", "deadline") and job.flag.is_set():
             reason = job.flag.reason
             if reason == "disconnected":
@@ -204,6 +233,10 @@ class Server:
     def _exception_reply(self, job: Job, exc: Exception) -> dict[str, Any]:
         if _is_oom(exc):
             log.error("out of memory on request %r of client %d", job.id, job.conn.cid)
+            # Cached prefixes only save prefill time: give back whatever memory they hold.
+            cache = getattr(self.engine, "prefix_cache", None)
+            if cache is not None:
+                cache.clear()
             _empty_cuda_cache()
             return proto.error(job.id, "out_of_memory",
                                "the GPU ran out of memory on this request; try a shorter context or fewer candidates")
@@ -295,6 +328,8 @@ class Server:
         await conn.flush()
 
     def _disconnect(self, conn: Connection) -> None:
+        if conn.jobs:
+            log.info("client %d disconnected with %d request(s) in flight; dropping them", conn.cid, len(conn.jobs))
         conn.closed = True
         self.connections.pop(conn.cid, None)
         self.scheduler.remove(lambda j: j.conn is conn)
@@ -321,6 +356,9 @@ class Server:
                 self.served_by_method[method] += 1
                 conn.send(proto.result(rid, value))
         except DgemmaError as exc:
+            method = msg.get("method")
+            log.warning("client %d: %.64s %r rejected: %s: %.300s", conn.cid, method if isinstance(method, str) else "?",
+                        rid, exc.code, exc.message)
             conn.send(proto.error(rid, exc.code, exc.message))
         except Exception as exc:  # a bug in a handler must not take the daemon down
             log.error("internal error handling %r:\n%s", msg.get("method"), traceback.format_exc())
@@ -351,7 +389,7 @@ class Server:
             "clients": len(self.connections), "requests_served": self.served,
             "served_by_method": dict(self.served_by_method),
             "uptime_s": time.time() - self.started,
-            "config_path": str(self.config_file), "config_error": self.watcher.error,
+            "config_path": str(self.config_file), "config_error": self.watcher.error or self.apply_error,
         }
 
     def _m_fill(self, conn: Connection, rid: Any, params: dict[str, Any]) -> None:
@@ -397,23 +435,26 @@ class Server:
         return {"cancelled": True}
 
     def _m_reload(self, conn: Connection, rid: Any, params: dict[str, Any]) -> None:
-        """Re-read the config now (the watcher does it on its own too) and reload the model
-        when its settings changed or `reload_model` is true. The reply waits for the worker,
-        so it describes the model actually in force (a running request finishes first)."""
-        try:
-            new, _ = self.watcher.reload()
-        except DgemmaError as exc:
-            conn.send(proto.error(rid, exc.code, f"config not reloaded, the previous one stays: {exc.message}"))
-            return
+        """Re-read the config now (the watcher does it on its own too) and put it in force,
+        reloading the model when its settings changed or `reload_model` is true. The reply
+        waits for the worker, so it describes the model actually in force (a running request
+        finishes first)."""
         force = proto.param(params, "reload_model", bool, False)
-        model_reloaded = self._apply_config(self.config, new, force_model=force)
+        try:
+            new, _ = self.watcher.reload(notify=False)  # applied once, below
+        except DgemmaError as exc:
+            raise DgemmaError(exc.code, f"config not reloaded, the previous one stays: {exc.message}") from None
+        loads = self.loads
 
-        def after() -> None:
+        def step() -> None:
+            # A load the watcher queued for this same file ran before this step and counts:
+            # `reload_model` never loads the model twice.
+            self._switch_config(new, force_model=force and self.loads == loads)
+            error = self.apply_error or (self.load_error.message if self.load_error else None)
             self._call_soon(conn.send, proto.result(rid, {
-                "reloaded": True, "model_reloaded": model_reloaded, "model": self.model_name,
-                "model_spec": self.model_spec, "state": self.state,
-                "error": self.load_error.message if self.load_error else None}))
-        self.scheduler.control(after)
+                "reloaded": self.config == new, "model_reloaded": self.loads > loads, "model": self.model_name,
+                "model_spec": self.model_spec, "state": self.state, "error": error}))
+        self.scheduler.control(step)
 
     def _m_shutdown(self, conn: Connection, rid: Any, params: dict[str, Any]) -> dict[str, Any]:
         assert self._loop is not None
@@ -423,15 +464,22 @@ class Server:
     # -- config ---------------------------------------------------------------------------
 
     def _config_changed(self, old: Config, new: Config) -> None:
-        self._apply_config(old, new)
+        self.scheduler.control(lambda: self._switch_config(new))
 
-    def _apply_config(self, old: Config, new: Config, force_model: bool = False) -> bool:
+    def _switch_config(self, new: Config, force_model: bool = False) -> None:
+        """Worker thread, between requests: put `new` in force, loading its model first when
+        the model settings changed (or `force_model`). When that model does not load, the
+        previous config and engine stay in force and config_error says why."""
+        model_changed = new.model_identity() != self.config.model_identity()
+        if force_model or model_changed:
+            if not self._load(new) and model_changed:
+                assert self.load_error is not None
+                self.apply_error = f"the model it names did not load: {self.load_error.message}"
+                return
+        elif self.engine is not None:
+            self.load_error = None  # an earlier failed model change is moot: this config's model serves
         self.config = new
-        if force_model or old.model_identity() != new.model_identity():
-            self.model_spec = self._model_spec(new)
-            self.scheduler.control(lambda: self._load(new))
-            return True
-        return False
+        self.apply_error = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -617,10 +665,11 @@ def _read_pid(folder: Path) -> int | None:
 
 
 def _spinner(label: str) -> Callable[[], None]:
-    """An elapsed-time bar while the model loads (load_model reports no fractions)."""
+    """Elapsed time while the model loads: load_model reports no fraction done, so no bar
+    pretends to know one."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=label, total=None, bar_format="{desc}: {elapsed}", leave=False)
+    bar = tqdm(desc=label, total=None, bar_format="{desc}: {elapsed} elapsed", leave=False)
     done = threading.Event()
 
     def tick() -> None:

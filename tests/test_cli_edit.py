@@ -1,5 +1,6 @@
-"""`dgemma` end to end: edit / fill / undo / status / stop through the session's daemon,
-auto-start, --no-daemon, error paths, and SIGKILL at random points during `edit`."""
+"""`dgemma` end to end on the bundled model: edit / fill / undo / status / stop / doctor
+through the session's daemon, auto-start, serve --detach, --no-daemon, error paths, and
+SIGKILL at random points during `edit`."""
 from __future__ import annotations
 
 import json
@@ -12,11 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
-from test_daemon_util import Raw, daemon, dgemma, isolated_env, short_tmp  # noqa: F401  (fixture)
+from dgemma.daemon.cli import _check_plan, _check_runtime_dir, _plan_bytes, _regeneration_budget, _same_final_newline
+from dgemma.daemon.loading import BUNDLED_MODEL_DIR
+from test_daemon_util import BUSY, FAST_CONFIG, Raw, daemon, dgemma, isolated_env, short_tmp  # noqa: F401  (fixture)
 
-SOURCE = b"import os\r\n\r\ndef add(a, b):\r\n    return a + b\r\n\r\n\r\ndef mul(a, b):\r\n    return a * b\r\n"
+# Line 4 ends in a random tag, so no model (the bundled weights may be retrained) can
+# regenerate it unchanged: the edits below always have a diff.
+SOURCE = b"import os\r\n\r\ndef add(a, b):\r\n    return a + b  # 9f3c71e2\r\n\r\n\r\ndef mul(a, b):\r\n    return a * b\r\n"
 FAST = ["--steps", "2", "--max-tokens", "8", "--seed", "3"]
 
 
@@ -46,6 +50,7 @@ def test_edit_without_yes_and_without_terminal_only_prints(daemon, tmp_path):
     f = _file(tmp_path)
     r = dgemma(["edit", f"{f}:4-4", *FAST], daemon.env, stdin=subprocess.DEVNULL)
     assert r.returncode == 0 and "@@" in r.stdout
+    assert r.stderr.strip() == "dgemma: not applied (use --yes to apply)"
     assert f.read_bytes() == SOURCE
 
 
@@ -123,6 +128,11 @@ def test_cli_errors_are_one_line_and_write_nothing(daemon, tmp_path):
     for args, words in cases:
         line = _one_line_error(dgemma(args, daemon.env))
         assert words in line, (args, line)
+    # An undo store that cannot be written: a plain one-line error, and the file stays as it was.
+    (tmp_path / "blocker").write_text("a file where the data folder should be")
+    no_undo = dict(daemon.env, DGEMMA_DATA_DIR=str(tmp_path / "blocker" / "data"))
+    line = _one_line_error(dgemma(["edit", f"{f}:4-4", "--yes", *FAST], no_undo))
+    assert "cannot save the undo copy" in line and "nothing was written" in line
     assert f.read_bytes() == SOURCE
 
 
@@ -130,7 +140,7 @@ def test_edit_refuses_when_file_changed_during_generation(daemon, tmp_path):
     f = _file(tmp_path)
     with Raw(daemon.socket) as busy:
         # Keep the worker busy so the edit's request waits in the queue while we type.
-        rid = busy.request("fill", {"prefix": "x = ", "max_tokens": 256, "settings": {"max_denoising_steps": 48}})
+        rid = busy.request("fill", {"prefix": "x = ", "max_tokens": 256, "settings": BUSY})
         assert busy.recv()["type"] == "draft"
         proc = subprocess.Popen([sys.executable, "-m", "dgemma.daemon.cli", "edit", f"{f}:4-4", "--yes", *FAST],
                                 env=daemon.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -155,7 +165,7 @@ def test_status_json_and_unreachable_daemon(daemon, tmp_path):
     assert st["model"] and st["device"] == "cpu" and st["requests_served"] >= 1
     r = dgemma(["status"], daemon.env)
     assert r.returncode == 0 and "queue" in r.stdout
-    nowhere = isolated_env(tmp_path / "none", None)
+    nowhere = isolated_env(tmp_path / "none")
     assert "no daemon running" in _one_line_error(dgemma(["status"], nowhere))
     r = dgemma(["status", "--json"], nowhere)
     assert r.returncode == 1 and json.loads(r.stdout)["running"] is False
@@ -163,29 +173,65 @@ def test_status_json_and_unreachable_daemon(daemon, tmp_path):
     assert r.returncode == 0 and "no daemon" in r.stderr
 
 
-def test_doctor(daemon):
+def test_doctor(daemon, tmp_path):
     r = dgemma(["doctor"], daemon.env)
     assert "torch" in r.stdout and "daemon answers" in r.stdout and "mode 600" in r.stdout
-    assert "model files in" in r.stdout
+    assert "model files in" in r.stdout and "runtime dir" in r.stdout and "the model's plan" in r.stdout
+    (tmp_path / "blocker").write_text("x")
+    (level, text), = _check_runtime_dir(tmp_path / "blocker" / "run")
+    assert level == "fail" and "cannot be created" in text
+    assert _check_runtime_dir(tmp_path / "new" / "run")[0][0] == "ok"
 
 
-def test_autostart_races_start_one_daemon_and_no_daemon_mode(tiny_model_dir, tmp_path):
+def test_doctor_plans_memory_with_the_configured_quantization():
+    """A bf16 checkpoint with `quantization = "nvfp4"` is planned as it will be loaded: with
+    free memory between the two plans, planning it as bf16 would be a false `fail`."""
+    bf16, _ = _plan_bytes(BUNDLED_MODEL_DIR, None)
+    nvfp4, how = _plan_bytes(BUNDLED_MODEL_DIR, "nvfp4")
+    assert nvfp4 < bf16 and "nvfp4" in how
+    free = (bf16 + nvfp4) // 2
+    assert _check_plan(BUNDLED_MODEL_DIR, free, None)[0][0] == "fail"
+    (level, text), = _check_plan(BUNDLED_MODEL_DIR, free, "nvfp4")
+    assert level == "ok" and "nvfp4" in text
+
+
+def test_regeneration_budget_and_final_newline(tmp_path, monkeypatch):
+    monkeypatch.setenv("DGEMMA_CONFIG_DIR", str(tmp_path))
+    region = "value = compute(item)\n" * 60  # ~1,300 bytes: far over the old fixed 256 tokens
+    small, big = _regeneration_budget("x = 1\n"), _regeneration_budget(region)
+    assert 64 < small < big and big >= 1.5 * len(region) / 4
+    (tmp_path / "config.toml").write_text("[limits]\nmax_tokens = 100\n")
+    assert _regeneration_budget(region) == 100
+    # The range is whole lines: a line break it had stays, and the file's last line (which
+    # had none) gets none.
+    assert _same_final_newline("a\n", "b") == "b\n" and _same_final_newline("a\n", "b\n") == "b\n"
+    assert _same_final_newline("a", "b\n\n") == "b" and _same_final_newline("a", "b\nc") == "b\nc"
+    assert _same_final_newline("a\n", "") == ""
+
+
+def test_autostart_races_start_one_daemon_and_no_daemon_mode(tmp_path):
+    """Two commands autostart one daemon. Its config file has a typo: the daemon starts on the
+    defaults and `status` shows the error, while --no-daemon refuses the invalid file."""
     root = short_tmp("dga-")
-    env = isolated_env(root, tiny_model_dir)
+    env = isolated_env(root)
+    (root / "cfg" / "config.toml").write_text(FAST_CONFIG.replace("max_denoising_steps", "max_denoising_step"))
     f = _file(tmp_path)
     try:
         procs = [subprocess.Popen([sys.executable, "-m", "dgemma.daemon.cli", "fill", f"{f}:4:5", *FAST],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]
-        # Meanwhile, the in-process path (no daemon involved).
-        r = dgemma(["fill", f"{f}:4:5", "--no-daemon", "--json", *FAST], env)
+        # Meanwhile, the in-process path (no daemon involved): the bundled model by default.
+        assert "max_denoising_step" in _one_line_error(dgemma(["fill", f"{f}:4:5", "--no-daemon", *FAST], env))
+        valid = dict(env, DGEMMA_CONFIG_DIR=str(root / "valid-cfg"))
+        r = dgemma(["fill", f"{f}:4:5", "--no-daemon", "--json", *FAST], valid)
         assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout)["model"] == tiny_model_dir.name
+        assert json.loads(r.stdout)["model"] == "dgemma-bundled"
         for p in procs:
             out, err = p.communicate(timeout=120)
             assert p.returncode == 0, err
         st = json.loads(dgemma(["status", "--json"], env).stdout)
         assert st["running"] and st["served_by_method"]["fill"] == 2
+        assert "max_denoising_step" in st["config_error"]
         log = (root / "run" / "daemon.log").read_text()
         assert log.count("listening on") == 1, log
         assert dgemma(["stop"], env).returncode == 0
@@ -195,39 +241,64 @@ def test_autostart_races_start_one_daemon_and_no_daemon_mode(tiny_model_dir, tmp
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_a_model_that_does_not_load_is_one_clear_error(tmp_path):
+    """Autostarted by a command, the daemon stays up without a model (status explains, and
+    its config watcher may heal it); started by `serve --detach`, it is stopped again."""
+    root = short_tmp("dgb-")
+    env = isolated_env(root)
+    f = _file(tmp_path)
+    try:
+        line = _one_line_error(dgemma(["fill", f"{f}:4:5", "--model", "/no/such/model", *FAST], env))
+        assert "has no model" in line and "/no/such/model" in line
+        st = json.loads(dgemma(["status", "--json"], env).stdout)
+        assert st["state"] == "error" and "/no/such/model" in st["load_error"]
+        assert dgemma(["stop"], env).returncode == 0
+        line = _one_line_error(dgemma(["serve", "--detach", "--model", "/no/such/model"], env))
+        assert "/no/such/model" in line and "the daemon stopped" in line and "daemon.log" in line
+        assert "no daemon running" in _one_line_error(dgemma(["status"], env))  # a retry starts afresh
+    finally:
+        dgemma(["stop"], env)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_sigkill_of_edit_at_random_points_never_leaves_a_partial_file(daemon, tmp_path):
-    big = b"".join(b"line_%05d = %d\r\n" % (i, i) for i in range(300))
-    ref = _file(tmp_path, big)
-    args = ["edit", "", "--yes", *FAST]
-    t0 = time.monotonic()
-    args[1] = f"{ref}:150-151"
-    r = dgemma(args, daemon.env)
-    assert r.returncode == 0, r.stderr
-    full = time.monotonic() - t0
-    new = ref.read_bytes()
-    assert new != big
+    """`dgemma edit --yes` killed at random points, most kills aimed at the write itself (as
+    soon as its temp file shows, or a few milliseconds later): the file is always the whole
+    old one or a whole new one, and the only leftovers are the temp files the README documents,
+    which a later edit removes once they are an hour old."""
     rng = random.Random(1)
-    for i in range(4):
-        f = tmp_path / f"k{i}.py"
+    # Random values: no model, however well trained, regenerates lines 60-61 unchanged.
+    lines = [b"v_%05d = '%08x'\r\n" % (i, rng.getrandbits(32)) for i in range(300)]
+    big = b"".join(lines)
+    head, tail = b"".join(lines[:59]), b"".join(lines[61:])
+    f = _file(tmp_path, big)
+    args = [sys.executable, "-m", "dgemma.daemon.cli", "edit", f"{f}:60-61", "--yes", *FAST]
+
+    def temps() -> set[str]:
+        return {p.name for p in tmp_path.glob(".calc.py.*.dgemma-tmp")}
+
+    t0 = time.monotonic()
+    assert subprocess.run(args, env=daemon.env, capture_output=True).returncode == 0
+    full = time.monotonic() - t0
+    assert f.read_bytes() != big
+    for i in range(8):
         f.write_bytes(big)
-        args[1] = f"{f}:150-151"
-        proc = subprocess.Popen([sys.executable, "-m", "dgemma.daemon.cli", *args], env=daemon.env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0, full))
-        os.kill(proc.pid, signal.SIGKILL)
+        before = temps()
+        proc = subprocess.Popen(args, env=daemon.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if i % 4 == 3:
+            time.sleep(rng.uniform(0, full))
+        else:  # the write takes a few milliseconds: uniform kills would almost never land in it
+            while proc.poll() is None and temps() <= before:
+                time.sleep(0.0002)
+            time.sleep(rng.choice([0.0, rng.uniform(0, 0.004)]))
+        os.kill(proc.pid, signal.SIGKILL)  # a no-op on one that finished: it is not reaped yet
         proc.wait()
-        assert f.read_bytes() in (big, new)
-
-
-BUNDLED = Path(__file__).resolve().parent.parent / "daemon" / "bundled"
-
-
-@pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="the bundled model is not built yet")
-def test_fill_with_the_bundled_default_model(tmp_path):
-    env = isolated_env(tmp_path / "b", None)
-    env.pop("DGEMMA_MODEL", None)
-    f = tmp_path / "b.py"
-    f.write_text("def add(a, b):\n    return \n")
-    r = dgemma(["fill", f"{f}:2:12", "--no-daemon", "--json", "--max-tokens", "16", "--seed", "0"], env)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["model"] == "dgemma-bundled"
+        data = f.read_bytes()
+        new = data[len(head):len(data) - len(tail)]
+        assert data == big or (data.startswith(head) and data.endswith(tail)
+                               and b"\n" not in new.replace(b"\r\n", b"")), data[len(head) - 20:]
+    assert {p.name for p in tmp_path.iterdir()} - temps() == {"calc.py"}
+    for name in temps():
+        os.utime(tmp_path / name, (0, 0))
+    assert subprocess.run(args, env=daemon.env, capture_output=True).returncode == 0
+    assert temps() == set()

@@ -143,3 +143,25 @@ def test_sigkill_during_atomic_writes_never_leaves_a_partial_file(tmp_path):
         os.utime(tmp, (0, 0))
     atomic_write(f, b"done", None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
+
+
+def test_filesystem_errors_are_one_line_errors_and_lose_nothing(tmp_path):
+    from dgemma.daemon.config import ensure_private_dir
+
+    blocker = tmp_path / "blocker"  # a file where a folder should be: fails even for root
+    blocker.write_text("x")
+    src = tmp_path / "a.py"
+    src.write_bytes(b"one\n")
+    with pytest.raises(DgemmaError) as exc:
+        ensure_private_dir(blocker / "run")
+    assert exc.value.code == "io_error" and str(blocker / "run") in exc.value.message
+    with pytest.raises(DgemmaError) as exc:
+        UndoStore(blocker / "undo").save(src, b"one\n", 0o644, "0" * 64)
+    assert exc.value.code == "io_error" and "undo copy" in exc.value.message
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(DgemmaError) as exc:
+        atomic_write(folder, b"two\n", None)  # the rename onto a folder fails
+    assert exc.value.code == "io_error" and str(folder) in exc.value.message and "\n" not in exc.value.message
+    assert src.read_bytes() == b"one\n" and blocker.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.py", "blocker", "folder"]  # no temp file left

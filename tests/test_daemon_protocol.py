@@ -1,7 +1,9 @@
-"""The real daemon, as a subprocess on a real socket with the tiny model: framing,
-handshake, bad input, concurrency, cancellation and clients that die mid-stream."""
+"""The real daemon, as a subprocess on a real socket with the bundled model: framing,
+handshake, bad input, bad config edits, concurrency, cancellation and clients that die
+mid-stream."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -11,14 +13,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import msgpack
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from dgemma.daemon import protocol as proto
-from test_daemon_util import Raw, daemon  # noqa: F401  (fixture)
-
-SLOW = {"max_denoising_steps": 48}  # a fill that runs for seconds unless stopped
+from test_daemon_util import BUSY, Raw, daemon  # noqa: F401  (fixture)
 
 
 def fill_params(**kw):
@@ -94,6 +95,49 @@ def test_bad_requests_get_clear_errors_and_connection_survives(daemon):
         c.send_bytes(proto.HEADER.pack(3) + msgpack.packb([1, 2]))
         assert c.recv()["error"]["code"] == "invalid_request"
         assert c.call("ping")[-1]["result"]["pong"]
+    # Each rejection is one log line naming the client: at the door (unknown method) and in
+    # the engine (an unknown sampler setting).
+    assert "unknown method" in daemon.wait_for_log(r"client \d+: nope 1 rejected: invalid_request")
+    assert "bogus" in daemon.wait_for_log(r"client \d+: fill 8 failed: invalid_params")
+
+
+def _status(c: Raw) -> dict:
+    return c.call("status")[-1]["result"]
+
+
+def test_bad_config_edits_keep_the_daemon_serving(daemon):
+    cfg = Path(daemon.env["DGEMMA_CONFIG_DIR"]) / "config.toml"
+    good = cfg.read_text()
+    try:
+        with Raw(daemon.socket) as c:
+            model = _status(c)["model"]
+            # A typo in [sampler] is refused and reported; the previous config stays.
+            cfg.write_text(good.replace("max_denoising_steps", "max_denoising_step"))
+            err = c.call("reload")[-1]
+            assert err["type"] == "error" and err["error"]["code"] == "invalid_params"
+            assert "max_denoising_step" in err["error"]["message"]
+            assert "max_denoising_step" in _status(c)["config_error"]
+            res = c.call("fill", fill_params())[-1]
+            assert res["type"] == "result" and res["result"]["steps"] <= 2  # the previous [sampler]
+            # So is an unknown quantization, before any load is tried.
+            cfg.write_text('quantization = "int3"\n' + good)
+            assert c.call("reload")[-1]["error"]["code"] == "invalid_params"
+            # A model that does not load: the one in service keeps serving, and status says why.
+            cfg.write_text('model = "/no/such/model"\n' + good)
+            res = c.call("reload")[-1]["result"]
+            assert res["reloaded"] is False and res["model_reloaded"] is False and "/no/such/model" in res["error"]
+            assert res["state"] == "ready" and res["model"] == model
+            st = _status(c)
+            assert st["state"] == "ready" and st["model"] == model
+            assert "/no/such/model" in st["load_error"] and "/no/such/model" in st["config_error"]
+            assert c.call("fill", fill_params())[-1]["type"] == "result"
+    finally:
+        cfg.write_text(good)
+    with Raw(daemon.socket) as c:
+        res = c.call("reload")[-1]["result"]
+        assert res["reloaded"] is True and res["error"] is None
+        st = _status(c)
+        assert st["config_error"] is None and st["load_error"] is None and st["model"] == model
 
 
 def test_oversized_frame_is_rejected_and_daemon_keeps_serving(daemon):
@@ -163,7 +207,7 @@ def test_32_concurrent_clients_all_answered(daemon):
 
 def test_cancel_running_request(daemon):
     with Raw(daemon.socket) as c:
-        rid = c.request("fill", fill_params(max_tokens=256, settings=SLOW))
+        rid = c.request("fill", fill_params(max_tokens=256, settings=BUSY))
         first = c.recv()
         assert first["type"] == "draft" and first["id"] == rid
         cid = c.request("cancel", {"id": rid})
@@ -180,7 +224,7 @@ def test_cancel_running_request(daemon):
 def test_newer_request_for_same_document_supersedes(daemon):
     with Raw(daemon.socket) as c, Raw(daemon.socket) as other:
         # A long request from another client keeps the worker busy, so `queued` waits.
-        busy = other.request("fill", fill_params(max_tokens=256, settings=SLOW, document="other.py"))
+        busy = other.request("fill", fill_params(max_tokens=256, settings=BUSY, document="other.py"))
         assert other.recv()["type"] == "draft"
         running_elsewhere = c.request("fill", fill_params(document="b.py"))
         queued = c.request("fill", fill_params(document="a.py"))
@@ -192,7 +236,7 @@ def test_newer_request_for_same_document_supersedes(daemon):
         assert c.until_done(running_elsewhere)[-1]["type"] == "result"
         assert c.until_done(newer)[-1]["type"] == "result"
         # And a running one: wait for its first draft, then send a newer one.
-        first = c.request("fill", fill_params(max_tokens=256, settings=SLOW, document="c.py"))
+        first = c.request("fill", fill_params(max_tokens=256, settings=BUSY, document="c.py"))
         assert c.recv()["type"] == "draft"
         second = c.request("fill", fill_params(document="c.py"))
         assert c.until_done(first)[-1]["error"]["code"] == "superseded"
@@ -201,17 +245,17 @@ def test_newer_request_for_same_document_supersedes(daemon):
 
 def test_deadline(daemon):
     with Raw(daemon.socket) as c:
-        msgs = c.call("fill", fill_params(max_tokens=256, settings=SLOW, deadline_ms=1))
+        msgs = c.call("fill", fill_params(max_tokens=256, settings=BUSY, deadline_ms=1))
     assert msgs[-1]["error"]["code"] == "deadline"
 
 
 CLIENT = r"""
-import socket, sys
+import json, socket, sys
 from dgemma.daemon import protocol as proto
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); proto.recv_frame(s)
 s.sendall(proto.encode(proto.request(1, "hello", {"protocol": 1}))); proto.recv_frame(s)
 s.sendall(proto.encode(proto.request(2, "fill", {"prefix": "def f():\n", "suffix": "", "max_tokens": 256,
-                                                 "settings": {"max_denoising_steps": 48}})))
+                                                 "settings": json.loads(sys.argv[2])})))
 while proto.recv_frame(s).get("type") != "draft":
     pass
 print("streaming", flush=True)
@@ -219,19 +263,28 @@ input()
 """
 
 
+def _until_idle(c: Raw) -> dict:
+    """Status once the worker runs nothing (a BUSY request left running would take minutes)."""
+    deadline = time.monotonic() + 60
+    while (st := _status(c))["running"] is not None:
+        assert time.monotonic() < deadline, st
+        time.sleep(0.05)
+    return st
+
+
 def test_client_killed_mid_stream(daemon):
-    proc = subprocess.Popen([sys.executable, "-c", CLIENT, str(daemon.socket)], stdout=subprocess.PIPE,
-                            stdin=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, str(daemon.socket), json.dumps(BUSY)],
+                            stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "streaming"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        # The daemon drops the orphan's work and serves the next client promptly.
-        t0 = time.monotonic()
+        # The daemon drops the orphan's work (and says so in its log), then serves the next client.
         with Raw(daemon.socket) as c:
             assert c.call("ping")[-1]["result"]["pong"]
+            assert _until_idle(c)["queue_depth"] == 0
             assert c.call("fill", fill_params())[-1]["type"] == "result"
-        assert time.monotonic() - t0 < 30
+        daemon.wait_for_log(r"client \d+ disconnected with 1 request\(s\) in flight")
     finally:
         proc.kill()
         proc.wait()
@@ -245,12 +298,11 @@ def test_slow_reader_does_not_block_others(daemon):
         for _ in range(400):
             slow.request("status")
         fills = [slow.request("fill", fill_params(seed=i)) for i in range(3)]
-        t0 = time.monotonic()
+        # Were the daemon blocked on the slow reader, these would time out.
         with Raw(daemon.socket) as c:
             for _ in range(5):
                 assert c.call("ping")[-1]["result"]["pong"]
             assert c.call("fill", fill_params())[-1]["type"] == "result"
-        assert time.monotonic() - t0 < 30
         # When it reads again, every request still gets its one reply (drafts may be dropped).
         replies = 0
         finished = set()
@@ -280,7 +332,7 @@ def test_async_client_request_draft_and_cancel(daemon):
             assert res["completions"] and drafts
             rid = client.new_id()
             seen = asyncio.Event()
-            task = asyncio.create_task(client.request("fill", fill_params(max_tokens=256, settings=SLOW),
+            task = asyncio.create_task(client.request("fill", fill_params(max_tokens=256, settings=BUSY),
                                                       on_draft=lambda d: seen.set(), id=rid))
             await asyncio.wait_for(seen.wait(), 60)
             assert await client.cancel(rid) is True
@@ -291,15 +343,16 @@ def test_async_client_request_draft_and_cancel(daemon):
                 assert exc.code == "cancelled"
             # Cancelling the awaiting task cancels the request on the daemon too.
             seen.clear()
-            task = asyncio.create_task(client.request("fill", fill_params(max_tokens=256, settings=SLOW),
+            task = asyncio.create_task(client.request("fill", fill_params(max_tokens=256, settings=BUSY),
                                                       on_draft=lambda d: seen.set()))
             await asyncio.wait_for(seen.wait(), 60)
             task.cancel()
-            t0 = time.monotonic()
             assert (await client.request("ping"))["pong"]
-            st_ = await client.request("status")
+            deadline = time.monotonic() + 60
+            while (st_ := await client.request("status"))["running"] is not None:  # BUSY would run for minutes
+                assert time.monotonic() < deadline, st_
+                await asyncio.sleep(0.05)
             assert st_["queue_depth"] == 0
-            assert time.monotonic() - t0 < 30
         finally:
             await client.close()
 

@@ -1,5 +1,8 @@
 """The server in this process with a scripted engine: fairness, supersede, cancel,
-failures inside the engine, model load errors and live config reload, deterministically."""
+failures inside the engine, model load errors and live config reload, deterministically.
+(The real daemon on the bundled model is tested in test_daemon_protocol.py; here the engine
+is scripted so that a request can be held at an exact point, and a model load can fail or
+run out of memory on demand.)"""
 from __future__ import annotations
 
 import asyncio
@@ -15,6 +18,7 @@ import pytest
 from dgemma.daemon.client import AsyncClient
 from dgemma.daemon.config import Config, load_config
 from dgemma.daemon.errors import DgemmaError
+from dgemma.daemon.prefix_cache import PrefixCache
 from dgemma.daemon.server import Server
 from test_daemon_util import short_tmp
 
@@ -43,16 +47,18 @@ class _D:
 
 
 class _Loaded:
-    name = "fake"
-    device = "cpu"
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.device = "cpu"
 
 
 class FakeEngine:
     """Steps until cancelled; a prefix starting with "gate" holds the worker until
     `gate` is set, so tests can line requests up behind it."""
 
-    def __init__(self) -> None:
-        self.loaded = _Loaded()
+    def __init__(self, name: str = "fake") -> None:
+        self.loaded = _Loaded(name)
+        self.prefix_cache = PrefixCache(1 << 20)
         self.order: list[str] = []
         self.gate = threading.Event()
         self.started = threading.Event()
@@ -187,9 +193,16 @@ async def test_engine_failures_are_contained(served):
         with pytest.raises(DgemmaError) as exc:
             await c.request("fill", {"prefix": "boom"})
         assert exc.value.code == "internal" and "kaboom" in exc.value.message
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        cache.update(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), 0)
+        engine.prefix_cache.store([1, 2], cache)
         with pytest.raises(DgemmaError) as exc:
             await c.request("fill", {"prefix": "oom"})
         assert exc.value.code == "out_of_memory"
+        assert len(engine.prefix_cache) == 0  # memory given back
         drafts: list[dict] = []
         res = await c.request("edit", {"prefix": "p", "selection": "s", "suffix": "", "instruction": "i"},
                               on_draft=drafts.append)
@@ -275,6 +288,11 @@ async def test_config_reload_live_and_invalid_file_keeps_previous(served):
         await _wait(lambda: server.watcher.error is not None, timeout=15)
         assert server.config.limits.max_tokens == 4
         assert (await c.request("status"))["config_error"]
+        # A sampler typo is an invalid file too, not a setting that fails every request later.
+        path.write_text("[limits]\nmax_tokens = 4\n[sampler]\nmax_denoising_step = 2\n")
+        await _wait(lambda: "max_denoising_step" in (server.watcher.error or ""), timeout=15)
+        assert "max_denoising_step" in (await c.request("status"))["config_error"]
+        assert server.config.sampler == {} and server.config.limits.max_tokens == 4
         with pytest.raises(DgemmaError) as exc:
             await c.request("reload")
         assert exc.value.code == "invalid_params" and "previous" in exc.value.message
@@ -285,23 +303,87 @@ async def test_config_reload_live_and_invalid_file_keeps_previous(served):
         # A model change in the config reloads the model on the worker before the reply.
         path.write_text('model = "/elsewhere"\n')
         res = await c.request("reload")
-        assert res["model_spec"] == "/elsewhere" and res["state"] == "ready"
+        assert res["model_spec"] == "/elsewhere" and res["state"] == "ready" and res["model_reloaded"] is True
+        res = await c.request("reload")
+        assert res["model_reloaded"] is False
         res = await c.request("reload", {"reload_model": True})
         assert res["model_reloaded"] is True
     finally:
         await c.close()
 
 
+async def test_model_that_does_not_load_leaves_the_previous_one_serving():
+    """A bad model (or quantization) in the config must not cost the working model: the old
+    engine serves while the new one loads and stays when it fails; the config is committed
+    only with a loaded model. A model too big to sit next to the old one replaces it."""
+    import torch
+
+    root = short_tmp("dgs-")
+    cfg_file = root / "cfg" / "config.toml"
+    cfg_file.parent.mkdir(parents=True)
+    server: Server
+
+    def factory(config, spec, device):
+        if spec and "broken" in spec:
+            raise DgemmaError("model_missing", f"Model '{spec}' is not on this machine")
+        if spec and "huge" in spec and server.engine is not None:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return FakeEngine(spec or "fake")
+
+    server = Server(Config(), socket=root / "run" / "d.sock", config_file=cfg_file, engine_factory=factory,
+                    config_error="config.toml: a typo at start-up")
+    await server.start()
+    c = await _client(server.socket)
+    try:
+        st = await c.request("status")
+        assert st["config_error"] == "config.toml: a typo at start-up"  # shown until the file is fixed
+        cfg_file.write_text('model = "/broken/m"\n[limits]\nmax_tokens = 4\n')
+        res = await c.request("reload")
+        assert res["reloaded"] is False and res["model_reloaded"] is False and "/broken/m" in res["error"]
+        assert res["model"] == "fake" and res["state"] == "ready"
+        st = await c.request("status")
+        assert st["state"] == "ready" and st["model"] == "fake" and "/broken/m" in st["load_error"]
+        assert "/broken/m" in st["config_error"]
+        # Nothing of that file is in force: not its limits either.
+        assert (await c.request("fill", {"prefix": "x", "max_tokens": 8}))["model"] == "fake"
+        cfg_file.write_text('model = "/other"\n')
+        res = await c.request("reload")
+        assert res["reloaded"] and res["model_reloaded"] and res["model"] == "/other" and res["error"] is None
+        st = await c.request("status")
+        assert st["config_error"] is None and st["load_error"] is None
+        cfg_file.write_text('model = "/huge"\n')
+        res = await c.request("reload")
+        assert res["model_reloaded"] and res["model"] == "/huge" and res["state"] == "ready"
+    finally:
+        await c.close()
+        await server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_config_parsing_errors():
     from dgemma.daemon.config import parse_config
 
     assert parse_config("").model is None
-    cfg = parse_config('model = "~/m"\n[sampler]\nt_max = 0.7\n[limits]\nmax_n = 2\n')
+    cfg = parse_config('model = "~/m"\ndtype = "bf16"\nquantization = "nf4"\n[sampler]\nt_max = 0.7\n'
+                       '[limits]\nmax_n = 2\n')
     assert cfg.model.endswith("/m") and cfg.sampler == {"t_max": 0.7} and cfg.limits.max_n == 2
-    for bad in ("modle = 1", "model = 3", "[limits]\nmax_n = -1", "[limits]\nnope = 1", "sampler = 1", "x ="):
+    for bad in ("modle = 1", "model = 3", "[limits]\nmax_n = -1", "[limits]\nnope = 1", "sampler = 1", "x =",
+                "[sampler]\nmax_denoising_step = 2", "[sampler]\nmax_denoising_steps = 0",
+                "[sampler]\nt_max = 'hot'", 'dtype = "f16"', 'quantization = "int4"'):
         with pytest.raises(DgemmaError) as exc:
             parse_config(bad)
         assert exc.value.code == "invalid_params"
+        assert exc.value.message.startswith("config.toml: ") and "\n" not in exc.value.message
+
+
+def test_config_names_match_the_loaders():
+    """config.py spells out the dtype and quantization names so that reading the config never
+    imports torch; they must stay what the loader and dgemma.quant accept."""
+    from dgemma.daemon.config import DTYPES, QUANTIZATIONS
+    from dgemma.daemon.loading import _DTYPES
+    from dgemma.quant.formats import FORMATS
+
+    assert set(DTYPES) == {"auto", *_DTYPES} and set(QUANTIZATIONS) == set(FORMATS)
 
 
 def test_load_config_missing_file_gives_defaults(tmp_path):

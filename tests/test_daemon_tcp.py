@@ -1,6 +1,6 @@
 """The TCP transport (Windows' transport, selected here with DGEMMA_TRANSPORT=tcp): a real
-daemon subprocess on loopback with a per-user token file, reached through the same client
-auto-discovery, and refusing connections that do not present the token."""
+daemon subprocess on the bundled model on loopback with a per-user token file, reached
+through the same client auto-discovery, and refusing connections that do not present the token."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 import stat
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +20,18 @@ from test_daemon_util import dgemma, isolated_env, short_tmp
 
 
 @pytest.fixture(scope="module")
-def tcp_daemon(tiny_model_dir: Path, monkeypatch_module: pytest.MonkeyPatch) -> Any:
+def tcp_daemon(monkeypatch_module: pytest.MonkeyPatch) -> Any:
     root = short_tmp("dgt-")
-    env = isolated_env(root, tiny_model_dir)
+    env = isolated_env(root)
     env["DGEMMA_TRANSPORT"] = "tcp"
     # This process's clients must discover the same daemon through the same variables.
     for key in ("DGEMMA_TRANSPORT", "DGEMMA_RUNTIME_DIR", "DGEMMA_CONFIG_DIR", "DGEMMA_DATA_DIR"):
         monkeypatch_module.setenv(key, env[key])
     monkeypatch_module.delenv("DGEMMA_SOCKET", raising=False)
-    r = dgemma(["serve", "--detach"], env)
+    r = dgemma(["serve", "--detach"], env)  # returns once the model is loaded
     try:
         assert r.returncode == 0, r.stderr + r.stdout
-        deadline = time.monotonic() + 120
         with Client.connect() as c:
-            while time.monotonic() < deadline and c.request("status")["state"] == "loading":
-                time.sleep(0.1)
             assert c.request("status")["state"] == "ready"
         yield root
     finally:
@@ -132,10 +128,10 @@ def test_request_without_token_is_refused(tcp_daemon: Path) -> None:
         assert c.request("ping")["pong"] is True
 
 
-def test_token_file_removed_on_shutdown(tiny_model_dir: Path) -> None:
+def test_token_file_removed_on_shutdown() -> None:
     """A second daemon of its own (the module's keeps running): stop removes the file."""
     root = short_tmp("dgt2-")
-    env = isolated_env(root, tiny_model_dir)
+    env = isolated_env(root)
     env["DGEMMA_TRANSPORT"] = "tcp"
     try:
         assert dgemma(["serve", "--detach"], env).returncode == 0

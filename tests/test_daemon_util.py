@@ -1,8 +1,10 @@
 """Helpers shared by the daemon and CLI tests (no tests here): an isolated environment,
-one real daemon subprocess on a real socket per session, and a raw protocol connection."""
+one real daemon subprocess on a real socket per session, on the bundled model, and a raw
+protocol connection."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -16,7 +18,9 @@ import pytest
 
 from dgemma.daemon import protocol as proto
 
-# Two denoising steps per canvas keep a request in the tens of milliseconds on the tiny model.
+# Two denoising steps per canvas keep a request short on the bundled model (a step takes tens
+# of milliseconds on a busy 2-core CPU). Tests check shapes and outcomes, never generated text:
+# the bundled weights may be retrained.
 FAST_CONFIG = """\
 [sampler]
 max_denoising_steps = 2
@@ -25,15 +29,20 @@ max_denoising_steps = 2
 max_tokens = 512
 """
 
+# Sampler settings for a request that runs until it is cancelled, whatever the weights: a
+# canvas may stop early only after `stability_threshold` unchanged steps, so this one runs all
+# 1,024 steps (a minute or more). Tests that need a busy worker use it instead of a slow model.
+BUSY = {"max_denoising_steps": 1024, "stability_threshold": 1024}
 
-def isolated_env(root: Path, model: Path | None) -> dict[str, str]:
-    """Environment for a subprocess that must never touch the user's real directories."""
+
+def isolated_env(root: Path) -> dict[str, str]:
+    """Environment for a subprocess that must never touch the user's real directories, on
+    the bundled model."""
     env = dict(os.environ)
     env.update(DGEMMA_RUNTIME_DIR=str(root / "run"), DGEMMA_CONFIG_DIR=str(root / "cfg"),
                DGEMMA_DATA_DIR=str(root / "data"), PYTHONUNBUFFERED="1")
     env.pop("DGEMMA_SOCKET", None)
-    if model is not None:
-        env["DGEMMA_MODEL"] = str(model)
+    env.pop("DGEMMA_MODEL", None)
     (root / "cfg").mkdir(parents=True, exist_ok=True)
     (root / "cfg" / "config.toml").write_text(FAST_CONFIG)
     return env
@@ -56,17 +65,11 @@ class Daemon:
         self.socket = root / "run" / "daemon.sock"
 
     def start(self) -> None:
-        r = dgemma(["serve", "--detach"], self.env)
+        r = dgemma(["serve", "--detach"], self.env)  # returns once the model is loaded
         assert r.returncode == 0, r.stderr
-        # Wait until the model is loaded (and warmed) so tests time only their own work.
-        deadline = time.monotonic() + 120
         with Raw(self.socket) as c:
-            while time.monotonic() < deadline:
-                st = c.call("status")[-1]["result"]
-                if st["state"] != "loading":
-                    break
-                time.sleep(0.1)
-            assert st["state"] == "ready", st
+            assert c.call("status")[-1]["result"]["state"] == "ready"
+            # Warm up, so tests wait only for their own work.
             c.call("fill", {"prefix": "def f(x):\n", "suffix": "\n", "max_tokens": 4})
 
     def stop(self) -> None:
@@ -78,17 +81,28 @@ class Daemon:
         except OSError:
             return ""
 
+    def wait_for_log(self, pattern: str, timeout: float = 30) -> str:
+        """The first log line matching the regex `pattern`: the daemon logs from its own
+        threads, after it has answered."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.search(f"^.*{pattern}.*$", self.log(), re.MULTILINE)
+            if found:
+                return found.group(0)
+            assert time.monotonic() < deadline, f"no log line matches {pattern!r}:\n{self.log()[-3000:]}"
+            time.sleep(0.05)
+
 
 _SESSION: dict[str, Daemon] = {}
 
 
 @pytest.fixture(scope="session")
-def daemon(tiny_model_dir: Path) -> Any:
-    """The session's daemon on the tiny model (started once even when several test
+def daemon() -> Any:
+    """The session's daemon on the bundled model (started once even when several test
     modules import this fixture)."""
     if "d" not in _SESSION:
         root = short_tmp("dgd-")
-        d = Daemon(root, isolated_env(root, tiny_model_dir))
+        d = Daemon(root, isolated_env(root))
         d.start()
         _SESSION["d"] = d
     d = _SESSION["d"]
