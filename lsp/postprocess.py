@@ -133,9 +133,12 @@ def drop_suffix_overlap(text: str, suffix: str) -> str:
     rest = rest.rstrip()
     if not rest or not text:
         return text
+    # The whole rest, even followed by a newline: "    return 1\n" before a
+    # rest of "    return 1" would leave the line twice.
+    whole = text.rstrip(" \t\n")
+    if whole.endswith(rest):
+        return whole[: len(whole) - len(rest)]
     body = text.rstrip(" \t")
-    if body.endswith(rest):
-        return body[: len(body) - len(rest)]
     for k in range(min(len(rest), len(body)), 0, -1):
         head = rest[:k]
         if body.endswith(head) and all(c in _OVERLAP_CHARS or c == " " for c in head):
@@ -264,10 +267,15 @@ def drop_unmatched_closers(text: str, prefix: str, suffix: str) -> str:
     return (text[:tail_start] + new_tail.rstrip(" \t\n,")) + text[body_end:]
 
 
-def fix_indentation(text: str, indent: Indent) -> str:
-    """Re-indent continuation lines with the document's unit (tabs or spaces)."""
+def fix_indentation(text: str, indent: Indent, reindent_first: bool = False) -> str:
+    """Re-indent continuation lines with the document's unit (tabs or spaces).
+
+    The first line continues the cursor's line, so its leading blanks are
+    usually not indentation; they are when only blanks precede the cursor on
+    its line (``reindent_first``), and then they get the same treatment.
+    """
     lines = text.split("\n")
-    for i in range(1, len(lines)):
+    for i in range(0 if reindent_first else 1, len(lines)):
         ln = lines[i]
         lead = ln[: len(ln) - len(ln.lstrip(" \t"))]
         if not lead:
@@ -304,6 +312,7 @@ def postprocess(
     prefix_n = prefix.replace("\r\n", "\n")
     suffix_n = suffix.replace("\r\n", "\n")
     rest, _ = _lines_after_cursor(suffix_n)
+    line_before = prefix_n[prefix_n.rfind("\n") + 1:]
     if indent is None:
         indent = detect_indent(prefix_n[-8000:] + suffix_n[:8000])
     text = drop_repeated_lines(text, suffix_n)
@@ -312,7 +321,7 @@ def postprocess(
     text = trim_trailing_whitespace(text, rest)
     text = drop_suffix_overlap(text, suffix_n)
     text = drop_unmatched_closers(text, prefix_n, suffix_n)
-    text = fix_indentation(text, indent)
+    text = fix_indentation(text, indent, reindent_first=not line_before.strip())
     text = trim_trailing_whitespace(text, rest)
     text = drop_whitespace_only(text)
     return text.replace("\n", "\r\n") if crlf else text

@@ -131,9 +131,25 @@ def did_close(ls: DgemmaLanguageServer, params: types.DidCloseTextDocumentParams
 
 # ---- completions ----------------------------------------------------------------------
 
+def _supersede(ls: DgemmaLanguageServer, uri: str) -> int:
+    """A new completion request for ``uri``: every older one is stale. Returns its generation.
+
+    The daemon also supersedes by `document`, but only when a new fill reaches
+    it; a request answered from the cache or skipped would leave the old one
+    running, and its late answer on screen.
+    """
+    gen = ls.debouncer.bump(uri)
+    old = ls.inflight.pop(uri, None)
+    if old is not None and not old.done():
+        ls.superseded.add(old)
+        old.cancel()
+    return gen
+
+
 async def _complete(ls: DgemmaLanguageServer, uri: str, position: types.Position, automatic: bool) -> str | None:
     """The cleaned middle at ``position``, or None (skipped, superseded, failed)."""
     t0 = time.monotonic()
+    gen = _supersede(ls, uri)
     try:
         doc = ls.workspace.get_text_document(uri)
         text = doc.source
@@ -146,29 +162,22 @@ async def _complete(ls: DgemmaLanguageServer, uri: str, position: types.Position
     if not should_trigger(text[line_start:offset], text[offset:line_end], automatic, ls.settings.max_line_suffix):
         return None
     s = ls.settings
+    max_tokens = s.max_tokens_automatic if automatic else s.max_tokens_invoked
     prompt = build_prompt(text, offset, uri=uri, language=ls.languages.get(uri) or language_of(uri),
                           ring=ls.ring, open_texts=ls.open_texts(), budget=s.budget, root=ls.root)
-    cached = ls.cache.get(prompt.window_prefix, prompt.suffix)
+    cached = ls.cache.get(prompt.window_prefix, prompt.suffix, max_tokens)
     # An empty entry means the model had nothing here; an explicit request asks again
     # (with a random seed the answer may differ), typing does not.
     if cached or (cached == "" and automatic):
         return cached or None
 
-    gen = ls.debouncer.bump(uri)
     if automatic and not await ls.debouncer.settle(uri, gen):
         return None
     if not ls.backend.should_try(automatic):
         return None
 
-    # Cancel-previous: the daemon also supersedes by `document`, but cancelling
-    # here frees our own task and its socket stream at once.
-    old = ls.inflight.get(uri)
-    if old is not None and not old.done():
-        ls.superseded.add(old)
-        old.cancel()
     task = asyncio.ensure_future(ls.backend.fill(
-        prompt.prefix, prompt.suffix, document=uri,
-        max_tokens=s.max_tokens_automatic if automatic else s.max_tokens_invoked,
+        prompt.prefix, prompt.suffix, document=uri, max_tokens=max_tokens,
         n=s.n, seed=s.seed, sampler=s.sampler,
     ))
     ls.inflight[uri] = task
@@ -195,7 +204,12 @@ async def _complete(ls: DgemmaLanguageServer, uri: str, position: types.Position
     # For `dgemma.status` and bench/lsp.py: the engine's share of this request.
     ls.reporter.last_fill = {"engine_ms": result.ms, "queue_ms": result.queue_ms, "steps": result.steps,
                              "server_ms": (time.monotonic() - t0) * 1000, "chars": len(middle)}
-    ls.cache.put(prompt.window_prefix, prompt.suffix, middle)
+    # Cached even when stale: it is right for its own spot, where typing may come back.
+    ls.cache.put(prompt.window_prefix, prompt.suffix, middle, max_tokens)
+    # A newer request came in after the daemon answered, before this coroutine ran
+    # again (too late to cancel the fill): the answer no longer fits the editor.
+    if not ls.debouncer.is_current(uri, gen):
+        return None
     return middle or None
 
 
@@ -256,6 +270,10 @@ async def completion(ls: DgemmaLanguageServer, params: types.CompletionParams) -
 def code_action(ls: DgemmaLanguageServer, params: types.CodeActionParams) -> list[types.CodeAction]:
     uri, rng = params.text_document.uri, params.range
     if rng.start == rng.end:
+        # Editors ask for code actions at every cursor move to decide on a
+        # lightbulb: offer the fill only when the user opened the menu.
+        if params.context.trigger_kind != types.CodeActionTriggerKind.Invoked:
+            return []
         return [types.CodeAction(
             title="Fill at cursor (dgemma)",
             kind=types.CodeActionKind.RefactorRewrite,
@@ -284,12 +302,13 @@ async def rewrite(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
     instruction = a.get("instruction") or ""
     if not isinstance(instruction, str):
         raise ValueError("`instruction` must be a string")
+    # A selection made backwards arrives with its end first; the edit must cover the same text.
+    if (rng.end.line, rng.end.character) < (rng.start.line, rng.start.character):
+        rng = types.Range(start=rng.end, end=rng.start)
     doc = ls.workspace.get_text_document(uri)
     text, version = doc.source, doc.version
     start = offset_at(text, rng.start.line, rng.start.character)
     end = offset_at(text, rng.end.line, rng.end.character)
-    if end < start:
-        start, end = end, start
     s = ls.settings
     # The same budget as completions: a whole large file would overflow the
     # model's context. The selection itself is always sent whole.
@@ -299,17 +318,18 @@ async def rewrite(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
     ls.reporter.busy("Rewriting selection")
     try:
         if instruction.strip():
-            res = await ls.backend.edit(prefix, selection, suffix, instruction, document=uri,
+            res = await ls.backend.edit(prefix, selection, suffix, instruction, document=_edit_key(uri),
                                         strength=s.strength, seed=s.seed, sampler=s.sampler)
         else:
-            res = await ls.backend.fill(prefix, suffix, document=uri, max_tokens=s.max_tokens_invoked,
+            res = await ls.backend.fill(prefix, suffix, document=_edit_key(uri), max_tokens=s.max_tokens_invoked,
                                         n=s.n, seed=s.seed, sampler=s.sampler)
     except BackendError as exc:
         ls.reporter.request_failed(exc, always=True)
         return {"applied": False, "error": exc.code, "message": exc.message}
     finally:
         ls.reporter.idle()
-    new = _clean_replacement(res.text, selection, text)
+    line_start = text.rfind("\n", 0, start) + 1
+    new = _clean_replacement(res.text, selection, text, at_line_start=not text[line_start:start].strip())
     applied = await _apply(ls, uri, version, rng, new)
     return {"applied": applied, "text": new}
 
@@ -328,7 +348,7 @@ async def fill(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
                           ring=ls.ring, open_texts=ls.open_texts(), budget=s.budget, root=ls.root)
     ls.reporter.busy("Filling")
     try:
-        res = await ls.backend.fill(prompt.prefix, prompt.suffix, document=uri,
+        res = await ls.backend.fill(prompt.prefix, prompt.suffix, document=_edit_key(uri),
                                     max_tokens=s.max_tokens_invoked, n=s.n, seed=s.seed, sampler=s.sampler)
     except BackendError as exc:
         ls.reporter.request_failed(exc, always=True)
@@ -349,9 +369,25 @@ def status(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
                                                "misses": ls.cache.misses}}
 
 
-def _clean_replacement(text: str, selection: str, document: str) -> str:
-    """Rewrites keep the document's indentation style and the selection's final newline."""
-    out = pp.fix_indentation(text.replace("\r\n", "\n"), pp.detect_indent(document))
+def _edit_key(uri: str) -> str:
+    """The daemon `document` of explicit edits (rewrite, fill command).
+
+    The daemon cancels a running request when a newer one for the same
+    document arrives. Ghost text uses the plain URI, so typing in the file
+    cannot cancel a rewrite the user asked for; only a newer edit of the same
+    file replaces it.
+    """
+    return f"{uri}#edit"
+
+
+def _clean_replacement(text: str, selection: str, document: str, at_line_start: bool = False) -> str:
+    """Rewrites keep the document's indentation style and the selection's final newline.
+
+    ``at_line_start``: only blanks precede the selection on its first line, so
+    the replacement's first line is indented like the others.
+    """
+    out = pp.fix_indentation(text.replace("\r\n", "\n"), pp.detect_indent(document),
+                             reindent_first=at_line_start)
     if selection.endswith("\n") and not out.endswith("\n"):
         out += "\n"
     elif not selection.endswith("\n") and out.endswith("\n"):

@@ -1,12 +1,15 @@
 """End to end: the real ``dgemma lsp`` (run as ``python -m dgemma.daemon.cli lsp``) over stdio, with a real
-daemon it starts on demand, serving a tiny random model.
+daemon it starts on demand, serving the bundled model with few denoising steps.
 
-The model writes nonsense, so the tests check the plumbing: what comes back is
-what the daemon produced after post-processing, edits land where they should,
+The bundled model may be retrained at any time and writes little sense anyway,
+so the tests check the plumbing, never the text: what comes back is what the
+daemon produced after post-processing, edits land where they should,
 cancellation reaches the daemon, progress and errors are reported once.
 
 One daemon is shared by the module (and by tests/test_nvim_plugin.py): it lives in
 a runtime directory under pytest's base temp folder and is stopped at the end.
+Tests that need a request still running when they act on it use a second
+daemon with a tiny random model (see ``slow_env``).
 """
 from __future__ import annotations
 
@@ -24,21 +27,25 @@ from pytest_lsp import LanguageClient, client_capabilities, make_test_lsp_client
 
 from dgemma.daemon.client import Client
 
-# Few denoising steps and short middles: a tiny CPU model is slow enough as it is.
-FAST_OPTIONS = {"seed": 0, "maxTokensInvoked": 8, "maxTokensAutomatic": 8, "debounceMs": 30}
+# Short middles and few denoising steps: quick on a busy CPU, and a canvas stopped
+# that early is seldom empty (the tests that accept a suggestion need one).
+FAST_OPTIONS = {"seed": 0, "maxTokensInvoked": 8, "maxTokensAutomatic": 8, "debounceMs": 30,
+                "sampler": {"max_denoising_steps": 4}}
 DOC = "def add(a, b):\n    return \n\n\nprint(add(1, 2))\n"
 URI = "file:///work/example/add.py"
 
 
-def _daemon_env(root: Path, model: str) -> dict[str, str]:
+def _daemon_env(root: Path, model: str | None = None) -> dict[str, str]:
+    """Environment for a server whose daemon lives under ``root``; no model: the bundled one."""
     rt, cfg, data = root / "rt", root / "cfg", root / "data"
     for d in (rt, cfg, data):
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (cfg / "config.toml").write_text("[sampler]\nmax_denoising_steps = 4\n")
     env = dict(os.environ)
-    env.update(DGEMMA_RUNTIME_DIR=str(rt), DGEMMA_CONFIG_DIR=str(cfg), DGEMMA_DATA_DIR=str(data),
-               DGEMMA_MODEL=model)
+    env.update(DGEMMA_RUNTIME_DIR=str(rt), DGEMMA_CONFIG_DIR=str(cfg), DGEMMA_DATA_DIR=str(data))
     env.pop("DGEMMA_SOCKET", None)
+    env.pop("DGEMMA_MODEL", None)
+    if model is not None:
+        env["DGEMMA_MODEL"] = model
     return env
 
 
@@ -57,14 +64,26 @@ def daemon_status(env: dict[str, str]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def lsp_env(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """Environment for a language server whose daemon serves the tiny model.
+def lsp_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Environment for a language server whose daemon serves the bundled model.
 
     A fixed folder under the session's base temp: imported into several test
     modules, this fixture runs once per module, and all of them find the same daemon.
     """
-    root = tmp_path_factory.getbasetemp() / "dgemma-lsp"
-    env = _daemon_env(root, str(tiny_model_dir))
+    env = _daemon_env(tmp_path_factory.getbasetemp() / "dgemma-lsp")
+    yield env
+    _stop_daemon(env)
+
+
+@pytest.fixture(scope="session")
+def slow_env(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A daemon serving a tiny random model, for requests that must still be running.
+
+    A random model never converges, so a request runs every denoising step of
+    every canvas; the bundled model may stop a canvas early and finish before
+    the test can cancel or overtake it.
+    """
+    env = _daemon_env(tmp_path_factory.getbasetemp() / "dgemma-lsp-slow", str(tiny_model_dir))
     yield env
     _stop_daemon(env)
 
@@ -109,35 +128,19 @@ async def wait_ready(client: LanguageClient, timeout: float = 120) -> None:
     raise AssertionError(f"no ready status in {timeout} s: {client.statuses}")  # type: ignore[attr-defined]
 
 
-@pytest.fixture(scope="session")
-def first_contact(lsp_env: dict[str, str]) -> dict[str, Any]:
-    """The first server of the session starts the daemon: record what it reported."""
-
-    async def run() -> dict[str, Any]:
-        client = await start_client(lsp_env)
-        try:
-            await wait_ready(client)
-            # $/progress end may trail the status notification by a moment.
-            for _ in range(100):
-                if any(isinstance(v, t.WorkDoneProgressEnd) for vs in client.progress_reports.values() for v in vs):
-                    break
-                await asyncio.sleep(0.05)
-            return {"progress": dict(client.progress_reports), "messages": list(client.messages),
-                    "statuses": list(client.statuses)}  # type: ignore[attr-defined]
-        finally:
-            await client.shutdown_session()
-            await client.stop()
-
-    return asyncio.run(run())
-
-
 @pytest_asyncio.fixture
-async def client(lsp_env: dict[str, str], first_contact: dict[str, Any]) -> AsyncIterator[LanguageClient]:
+async def client(lsp_env: dict[str, str]) -> AsyncIterator[LanguageClient]:
     c = await start_client(lsp_env)
     await wait_ready(c)
     yield c
     await c.shutdown_session()
     await c.stop()
+
+
+async def server_status(client: LanguageClient) -> dict[str, Any]:
+    """``dgemma.status``; pytest-lsp may hand the result back as an object."""
+    st = await client.workspace_execute_command_async(t.ExecuteCommandParams(command="dgemma.status"))
+    return st if isinstance(st, dict) else vars(st)
 
 
 def open_doc(client: LanguageClient, text: str = DOC, uri: str = URI, version: int = 1) -> None:
@@ -153,14 +156,29 @@ def inline_params(line: int, character: int, kind: t.InlineCompletionTriggerKind
 
 # ---- tests ----------------------------------------------------------------------------
 
-def test_progress_while_the_daemon_starts(first_contact: dict[str, Any]) -> None:
-    reports = [v for vs in first_contact["progress"].values() for v in vs]
-    assert isinstance(reports[0], t.WorkDoneProgressBegin) and reports[0].title == "dgemma"
-    assert "Starting" in (reports[0].message or "")
-    assert any("Loading" in (getattr(v, "message", "") or "") for v in reports)
-    assert isinstance(reports[-1], t.WorkDoneProgressEnd)
-    assert first_contact["messages"] == []
-    assert [s.state for s in first_contact["statuses"]][-1] == "ready"
+async def test_progress_while_the_daemon_starts(tmp_path: Path) -> None:
+    # A daemon of its own: the shared one may be up already (other modules use
+    # it too), and then there is no start-up to report.
+    env = _daemon_env(tmp_path)
+    client = await start_client(env)
+    try:
+        await wait_ready(client)
+        # $/progress end may trail the status notification by a moment.
+        for _ in range(100):
+            if any(isinstance(v, t.WorkDoneProgressEnd) for vs in client.progress_reports.values() for v in vs):
+                break
+            await asyncio.sleep(0.05)
+        reports = [v for vs in client.progress_reports.values() for v in vs]
+        assert isinstance(reports[0], t.WorkDoneProgressBegin) and reports[0].title == "dgemma"
+        assert "Starting" in (reports[0].message or "")
+        assert any("Loading" in (getattr(v, "message", "") or "") for v in reports)
+        assert isinstance(reports[-1], t.WorkDoneProgressEnd)
+        assert client.messages == []
+        assert [s.state for s in client.statuses][-1] == "ready"  # type: ignore[attr-defined]
+    finally:
+        await client.shutdown_session()
+        await client.stop()
+        _stop_daemon(env)
 
 
 async def test_capabilities_advertise_inline_completion(client: LanguageClient) -> None:
@@ -193,8 +211,7 @@ async def test_inline_completion_then_cache_and_typed_through(client: LanguageCl
         assert rest is not None and rest.items[0].insert_text == text[1:]
     assert daemon_status(lsp_env)["served_by_method"].get("fill", 0) == fills
 
-    st = await client.workspace_execute_command_async(t.ExecuteCommandParams(command="dgemma.status"))
-    st = st if isinstance(st, dict) else vars(st)
+    st = await server_status(client)
     assert st["state"] == "ready" and st["cache"]["hits"] >= 1
     last = st["last_fill"] if isinstance(st["last_fill"], dict) else vars(st["last_fill"])
     assert last["engine_ms"] > 0 and last["server_ms"] >= last["engine_ms"]
@@ -207,7 +224,7 @@ async def test_automatic_trigger_mid_word_is_skipped(client: LanguageClient) -> 
     assert res is None
 
 
-async def test_completion_fallback_without_inline_support(lsp_env: dict[str, str], first_contact: Any) -> None:
+async def test_completion_fallback_without_inline_support(lsp_env: dict[str, str]) -> None:
     client = await start_client(lsp_env, inline=False)
     try:
         open_doc(client)
@@ -222,19 +239,30 @@ async def test_completion_fallback_without_inline_support(lsp_env: dict[str, str
         await client.stop()
 
 
+async def code_actions(client: LanguageClient, rng: t.Range,
+                       kind: t.CodeActionTriggerKind = t.CodeActionTriggerKind.Invoked) -> list[str]:
+    actions = await client.text_document_code_action_async(t.CodeActionParams(
+        text_document=t.TextDocumentIdentifier(URI), range=rng,
+        context=t.CodeActionContext(diagnostics=[], trigger_kind=kind)))
+    # pytest-lsp's converter reads the CodeAction back through the ambiguous
+    # Command | CodeAction union and may stringify the nested command.
+    return [f"{a.title}: {'dgemma.rewrite' if 'dgemma.rewrite' in str(a.command) else 'dgemma.fill'}"
+            for a in actions or []]
+
+
 async def test_rewrite_applies_a_versioned_edit(client: LanguageClient) -> None:
     open_doc(client, version=7)
     rng = t.Range(t.Position(1, 0), t.Position(2, 0))
-    actions = await client.text_document_code_action_async(t.CodeActionParams(
-        text_document=t.TextDocumentIdentifier(URI), range=rng, context=t.CodeActionContext(diagnostics=[])))
-    assert [a.title for a in actions] == ["Rewrite selection…"]
-    # pytest-lsp's converter reads the CodeAction back through the ambiguous
-    # Command | CodeAction union and may stringify the nested command.
-    assert "dgemma.rewrite" in str(actions[0].command)
+    assert await code_actions(client, rng) == ["Rewrite selection…: dgemma.rewrite"]
+    cursor = t.Range(t.Position(1, 11), t.Position(1, 11))
+    assert await code_actions(client, cursor) == ["Fill at cursor (dgemma): dgemma.fill"]
+    # Asked for automatically (a lightbulb at every cursor move): nothing to offer.
+    assert await code_actions(client, cursor, t.CodeActionTriggerKind.Automatic) == []
 
+    # A selection made backwards: its end comes first.
     res = await client.workspace_execute_command_async(t.ExecuteCommandParams(
         command="dgemma.rewrite",
-        arguments=[URI, {"start": {"line": 1, "character": 0}, "end": {"line": 2, "character": 0}},
+        arguments=[URI, {"start": {"line": 2, "character": 0}, "end": {"line": 1, "character": 0}},
                    "return the sum"]))
     assert res["applied"] is True
     (edit,) = client.applied_edits  # type: ignore[attr-defined]
@@ -270,39 +298,91 @@ async def _wait_daemon(env: dict[str, str], running: bool, timeout: float) -> fl
 SLOW = {"maxTokensInvoked": 256, "sampler": {"max_denoising_steps": 48}}
 
 
-async def test_cancel_request_stops_the_daemon_request(lsp_env: dict[str, str], first_contact: Any) -> None:
-    client = await start_client(lsp_env, SLOW)
+async def test_cancel_request_stops_the_daemon_request(slow_env: dict[str, str]) -> None:
+    client = await start_client(slow_env, SLOW)
     try:
+        await wait_ready(client)
         open_doc(client)
         fut = asyncio.ensure_future(client.protocol.send_request_async(
             t.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(1, 11), msg_id="slow-1"))
-        await _wait_daemon(lsp_env, running=True, timeout=30)
+        await _wait_daemon(slow_env, running=True, timeout=30)
         client.protocol.notify(t.CANCEL_REQUEST, t.CancelParams(id="slow-1"))
         with pytest.raises(Exception):
             await asyncio.wait_for(fut, 10)
         # The daemon stops between two denoising steps, long before 256 tokens.
-        assert await _wait_daemon(lsp_env, running=False, timeout=15) < 15
+        assert await _wait_daemon(slow_env, running=False, timeout=15) < 15
     finally:
         await client.shutdown_session()
         await client.stop()
 
 
-async def test_newer_request_supersedes_the_older(lsp_env: dict[str, str], first_contact: Any) -> None:
-    client = await start_client(lsp_env, SLOW)
+async def test_newer_request_supersedes_the_older(slow_env: dict[str, str]) -> None:
+    client = await start_client(slow_env, SLOW)
     try:
+        await wait_ready(client)
         open_doc(client)
+        automatic = inline_params(1, 11, t.InlineCompletionTriggerKind.Automatic)
+        await client.text_document_inline_completion_async(automatic)  # short: maxTokensAutomatic
+        hits = (await server_status(client))["cache"]["hits"]
+
+        # The newer request is answered from the cache, without reaching the daemon.
         old = asyncio.ensure_future(client.text_document_inline_completion_async(inline_params(1, 11)))
-        await _wait_daemon(lsp_env, running=True, timeout=30)
-        # Back to short requests, then ask again in the same document.
+        await _wait_daemon(slow_env, running=True, timeout=30)
+        await client.text_document_inline_completion_async(automatic)
+        assert await asyncio.wait_for(old, 10) is None  # superseded: "nothing", not an error
+        assert await _wait_daemon(slow_env, running=False, timeout=15) < 15
+        assert (await server_status(client))["cache"]["hits"] == hits + 1
+
+        # The newer request asks the model too.
+        old = asyncio.ensure_future(client.text_document_inline_completion_async(inline_params(1, 11)))
+        await _wait_daemon(slow_env, running=True, timeout=30)
         client.workspace_did_change_configuration(t.DidChangeConfigurationParams(
-            settings={"dgemma": {"maxTokensInvoked": 8, "sampler": {}}}))
+            settings={"dgemma": {"maxTokensInvoked": 8, "sampler": FAST_OPTIONS["sampler"]}}))
         newer = await asyncio.wait_for(client.text_document_inline_completion_async(inline_params(1, 10)), 60)
-        assert await asyncio.wait_for(old, 5) is None  # superseded: "nothing", not an error
+        assert await asyncio.wait_for(old, 10) is None
         assert newer is None or newer.items
-        assert await _wait_daemon(lsp_env, running=False, timeout=15) < 15
+        assert await _wait_daemon(slow_env, running=False, timeout=15) < 15
     finally:
         await client.shutdown_session()
         await client.stop()
+
+
+async def test_ghost_text_does_not_cancel_a_rewrite(slow_env: dict[str, str]) -> None:
+    client = await start_client(slow_env, SLOW)
+    try:
+        await wait_ready(client)
+        open_doc(client)
+        rewrite = asyncio.ensure_future(client.workspace_execute_command_async(t.ExecuteCommandParams(
+            command="dgemma.rewrite",
+            arguments=[URI, {"start": {"line": 0, "character": 0}, "end": {"line": 2, "character": 0}},
+                       "add type hints"])))
+        await _wait_daemon(slow_env, running=True, timeout=30)
+        # The user goes on typing in the same file: ghost text is asked for
+        # while the rewrite runs, and waits for it in the daemon's queue.
+        ghost = asyncio.ensure_future(client.text_document_inline_completion_async(
+            inline_params(1, 11, t.InlineCompletionTriggerKind.Automatic)))
+        queued = await _queued_behind(slow_env, "edit", timeout=30)
+        res = await asyncio.wait_for(rewrite, 120)
+        assert res["applied"] is True, res
+        assert queued, "the rewrite ended before the ghost text reached the daemon: nothing was tested"
+        await asyncio.wait_for(ghost, 60)
+    finally:
+        await client.shutdown_session()
+        await client.stop()
+
+
+async def _queued_behind(env: dict[str, str], method: str, timeout: float) -> bool:
+    """Whether a request comes to wait in the daemon's queue behind the running `method`
+    request; False when that one stops running first."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        st = await asyncio.to_thread(daemon_status, env)
+        if (st["running"] or {}).get("method") != method:
+            return False
+        if st["queue_depth"] > 0:
+            return True
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the daemon's {method} request still runs, alone, after {timeout} s")
 
 
 async def test_load_failure_is_reported_once(tmp_path: Path) -> None:

@@ -87,16 +87,26 @@ def test_unknown_language_gets_no_extra_context() -> None:
 
 def test_cache_exact_and_typed_through() -> None:
     c = CompletionCache(capacity=4)
-    c.put("def f(", ")", "a, b")
-    assert c.get("def f(", ")") == "a, b"
-    assert c.get("def f(a", ")") == ", b"
-    assert c.get("def f(a,", ")") == " b"
-    assert c.get("def f(x", ")") is None  # typed something else
-    assert c.get("def f(", "]") is None  # suffix changed
-    assert c.get("def f(a, b", ")") is None  # typed all of it: nothing left to show
+    c.put("def f(", ")", "a, b", 8)
+    assert c.get("def f(", ")", 8) == "a, b"
+    assert c.get("def f(a", ")", 8) == ", b"
+    assert c.get("def f(a,", ")", 8) == " b"
+    assert c.get("def f(x", ")", 8) is None  # typed something else
+    assert c.get("def f(", "]", 8) is None  # suffix changed
+    assert c.get("def f(a, b", ")", 8) is None  # typed all of it: nothing left to show
     for i in range(10):
-        c.put(str(i), "", "z")
+        c.put(str(i), "", "z", 8)
     assert len(c) == 4
+
+
+def test_cache_answers_only_requests_within_its_token_budget() -> None:
+    c = CompletionCache()
+    c.put("x = ", "", "short", 16)  # automatic ghost text
+    assert c.get("x = ", "", 256) is None  # invoked: the short answer may be cut, ask the model
+    assert c.get("x = s", "", 256) is None
+    c.put("x = ", "", "the longer answer", 256)
+    assert c.get("x = ", "", 16) == "the longer answer"  # typing through an invoked suggestion
+    assert c.get("x = the", "", 16) == " longer answer"
 
 
 def test_triggers() -> None:
@@ -130,6 +140,8 @@ def test_rewrite_replacement_keeps_the_document_style() -> None:
     doc = "func f() {\n\tx := 1\n}\n"
     # The selection ended with a newline: so does the replacement; tabs as in the document.
     assert _clean_replacement("if x {\n        y()\n}", "\tx := 1\n", doc) == "if x {\n\t\ty()\n}\n"
+    # Selected from column 0: the first line is indentation too.
+    assert _clean_replacement("    y()\n    z()", "\tx\n\tw", doc, at_line_start=True) == "\ty()\n\tz()"
     # The selection did not: no newline is added at its end.
     assert _clean_replacement("a + b\n", "a+b", "x = a+b\n") == "a + b"
     assert _clean_replacement("a\nb", "a\n", "a\r\nc\r\n") == "a\r\nb\r\n"

@@ -50,7 +50,7 @@ async function askInstruction(): Promise<string | undefined> {
   });
 }
 
-async function startClient(context: vscode.ExtensionContext): Promise<void> {
+async function startClient(): Promise<void> {
   const cmd = serverCommand(vscode.workspace.getConfiguration("dgemma").get("serverCommand"));
   const server: ServerOptions = { command: cmd.command, args: cmd.args };
   const options: LanguageClientOptions = {
@@ -73,12 +73,22 @@ async function startClient(context: vscode.ExtensionContext): Promise<void> {
       },
     },
   };
-  client = new LanguageClient("dgemma", "dgemma", server, options);
-  client.onDidChangeState((e) => {
+  const c = new LanguageClient("dgemma", "dgemma", server, options);
+  // Registered before start(): the server reports "starting" and "loading" while
+  // the daemon comes up, before start() resolves. The handlers belong to this
+  // client and are dropped with it on restart, so they never pile up.
+  c.onNotification("dgemma/status", (s: DaemonStatus) => showStatus(s));
+  c.onDidChangeState((e) => {
     if (e.newState === State.Stopped) showStatus(undefined);
   });
-  await client.start();
-  context.subscriptions.push(client.onNotification("dgemma/status", (s: DaemonStatus) => showStatus(s)));
+  client = c;
+  await c.start();
+}
+
+async function stopClient(): Promise<void> {
+  const c = client;
+  client = undefined;
+  await c?.dispose();
 }
 
 async function rewriteSelection(): Promise<void> {
@@ -115,12 +125,13 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
       void vscode.window.showInformationMessage(view.tooltip);
     }),
     vscode.commands.registerCommand("dgemma.restartServer", async () => {
-      await client?.stop();
-      await startClient(context);
+      // A new client rather than client.restart(): it picks up a changed dgemma.serverCommand.
+      await stopClient();
+      await startClient();
     }),
   );
   try {
-    await startClient(context);
+    await startClient();
   } catch (err) {
     showStatus({ state: "error", message: String(err) });
     void vscode.window.showErrorMessage(
@@ -130,5 +141,5 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
 }
 
 export async function deactivate(): Promise<void> {
-  await client?.stop();
+  await stopClient();
 }

@@ -1,9 +1,11 @@
 -- dgemma for Neovim: ghost-text completions and rewrites from `dgemma lsp`.
 --
--- Neovim 0.12+ draws ghost text itself (vim.lsp.inline_completion); on 0.11
--- this module requests textDocument/inlineCompletion and draws extmarks. The
--- server debounces, caches and cancels; this side only cancels its own stale
--- request and keeps the display in step with the cursor.
+-- Neovim 0.12+ draws ghost text while typing itself (vim.lsp.inline_completion);
+-- on 0.11 this module requests textDocument/inlineCompletion and draws
+-- extmarks. Explicit requests (`trigger`) always take this module's path: the
+-- native API can accept a candidate but not ask for one. The server debounces,
+-- caches and cancels; this side only cancels its own stale request and keeps
+-- the display in step with the cursor.
 local M = {}
 
 local api = vim.api
@@ -47,15 +49,22 @@ local timers = {}
 -- TextChangedI that follows is ours, not the user's typing.
 local accepted_tick = {}
 
+-- vim.lsp.inline_completion exists from Neovim 0.12 on.
 local function use_native()
-  return M.config.native and vim.fn.has('nvim-0.12') == 1 and vim.lsp.inline_completion ~= nil
+  return M.config.native and vim.lsp.inline_completion ~= nil
+end
+
+-- Drop the candidate Neovim shows, if any; true when there was one. The native
+-- API has no dismiss: "accepting" with a handler that inserts nothing drops it.
+local function native_dismiss(bufnr)
+  return use_native() and vim.lsp.inline_completion.get({ bufnr = bufnr, on_accept = function() end }) or false
 end
 
 local function get_client(bufnr)
   return vim.lsp.get_clients({ bufnr = bufnr or 0, name = 'dgemma' })[1]
 end
 
--- ---- display (0.11 path) ------------------------------------------------------------
+-- ---- display (all ghost text on 0.11, invoked suggestions on 0.12) -----------------
 
 local function clear(bufnr)
   bufnr = bufnr == 0 and api.nvim_get_current_buf() or bufnr
@@ -96,7 +105,8 @@ local function show(bufnr, row, col, text)
   end
 end
 
---- The ghost text shown in a buffer, or nil.
+--- The ghost text this module shows in a buffer (not Neovim's native
+--- candidate), or nil.
 ---@return {text: string, row: integer, col: integer}|nil
 function M.suggestion(bufnr)
   bufnr = (bufnr == nil or bufnr == 0) and api.nvim_get_current_buf() or bufnr
@@ -104,35 +114,34 @@ function M.suggestion(bufnr)
   return s and { text = s.text, row = s.row, col = s.col } or nil
 end
 
+--- Whether this module shows ghost text in the buffer.
 function M.visible(bufnr)
   return M.suggestion(bufnr) ~= nil
 end
 
 -- ---- requests ---------------------------------------------------------------------
 
+-- The text of an LSP item (insertText) or of a 0.12 native one (insert_text);
+-- a snippet (a StringValue table) gives its raw value.
 local function item_text(item)
-  local t = item.insertText
+  local t = item.insert_text or item.insertText
   if type(t) == 'table' then
     t = t.value
   end
   return t
 end
 
---- Ask the server for ghost text at the cursor.
+--- Ask the server for ghost text at the cursor, drawn by this module (also on
+--- 0.12, where a native candidate on screen is dropped for it).
 ---@param kind? integer 1 invoked (default), 2 automatic
 function M.trigger(kind)
   kind = kind or 1
   local bufnr = api.nvim_get_current_buf()
-  if use_native() then
-    if kind == 1 then
-      vim.lsp.inline_completion.get({ bufnr = bufnr })
-    end
-    return
-  end
   local client = get_client(bufnr)
   if not client then
     return
   end
+  native_dismiss(bufnr)
   cancel(bufnr)
   local win = api.nvim_get_current_win()
   local cursor = api.nvim_win_get_cursor(win)
@@ -188,37 +197,98 @@ end
 
 -- ---- accepting ----------------------------------------------------------------------
 
--- Insert `part` of the suggestion and keep the rest on screen.
-local function insert_part(bufnr, part)
-  local s = suggestions[bufnr]
-  if not s or part == '' then
-    return false
-  end
-  local rest = s.text:sub(#part + 1)
-  local lines = vim.split(part, '\n', { plain = true })
-  clear(bufnr)
-  api.nvim_buf_set_text(bufnr, s.row, s.col, s.row, s.col, lines)
-  accepted_tick[bufnr] = api.nvim_buf_get_changedtick(bufnr)
-  local end_row = s.row + #lines - 1
-  local end_col = (#lines == 1 and s.col or 0) + #lines[#lines]
+-- Insert `text` at (row, col), 0-based, and put the cursor after it; returns
+-- where the text ends.
+local function put_text(bufnr, row, col, text)
+  local lines = vim.split(text, '\n', { plain = true })
+  api.nvim_buf_set_text(bufnr, row, col, row, col, lines)
+  local end_row = row + #lines - 1
+  local end_col = (#lines == 1 and col or 0) + #lines[#lines]
   local win = vim.fn.bufwinid(bufnr)
   if win ~= -1 then
     api.nvim_win_set_cursor(win, { end_row + 1, end_col })
   end
+  return end_row, end_col
+end
+
+-- Insert `part` of this module's suggestion and keep the rest on screen.
+local function insert_part(bufnr, part)
+  local s = suggestions[bufnr]
+  if not s or part == '' then
+    return
+  end
+  local rest = s.text:sub(#part + 1)
+  clear(bufnr)
+  local end_row, end_col = put_text(bufnr, s.row, s.col, part)
+  accepted_tick[bufnr] = api.nvim_buf_get_changedtick(bufnr)
   if rest ~= '' then
     show(bufnr, end_row, end_col, rest)
   end
+end
+
+-- Where a native item's range starts, 0-based (row, byte column): 0.12's
+-- vim.Range holds vim.Pos fields `start` and `end_`, later versions give the
+-- positions through :to_extmark().
+local function range_start(range)
+  if type(range) ~= 'table' then
+    return nil
+  end
+  if type(range.start) == 'table' and range.start.row then
+    return range.start.row, range.start.col
+  end
+  if range.to_extmark then
+    return range:to_extmark()
+  end
+end
+
+-- The part of a native item not in the buffer yet: its range starts where the
+-- request was made, and Neovim keeps showing the item while the user types
+-- through it.
+local function native_rest(bufnr, item)
+  local text = item_text(item) or ''
+  local row, col = range_start(item.range)
+  local cursor = api.nvim_win_get_cursor(0)
+  if row == cursor[1] - 1 and col <= cursor[2] then
+    local typed = api.nvim_buf_get_lines(bufnr, row, row + 1, false)[1]:sub(col + 1, cursor[2])
+    if vim.startswith(text, typed) then
+      text = text:sub(#typed + 1)
+    end
+  end
+  return text
+end
+
+-- Accept `pick(text)` of the suggestion on screen, or all of it without `pick`.
+-- Returns false when there is none. The text goes in on the next tick, as with
+-- vim.lsp.inline_completion.get(), so this can run inside an <expr> mapping,
+-- where buffer edits are not allowed.
+local function accept_part(pick)
+  local bufnr = api.nvim_get_current_buf()
+  if use_native() and vim.lsp.inline_completion.get({
+    bufnr = bufnr,
+    -- Neovim applies a whole item itself. A part we insert, and returning
+    -- nothing tells Neovim not to apply the item as well.
+    on_accept = pick and function(item)
+      local row, col = unpack(api.nvim_win_get_cursor(0))
+      put_text(bufnr, row - 1, col, pick(native_rest(bufnr, item)))
+    end,
+  }) then
+    return true
+  end
+  local s = suggestions[bufnr]
+  if not s then
+    return false
+  end
+  vim.schedule(function()
+    if suggestions[bufnr] == s then
+      insert_part(bufnr, pick and pick(s.text) or s.text)
+    end
+  end)
   return true
 end
 
---- Accept the whole suggestion. Returns false when there was none.
+--- Accept the whole suggestion. Returns false when there was none (see accept_part).
 function M.accept()
-  local bufnr = api.nvim_get_current_buf()
-  if use_native() then
-    return vim.lsp.inline_completion.get({ bufnr = bufnr }) and true or false
-  end
-  local s = suggestions[bufnr]
-  return s ~= nil and insert_part(bufnr, s.text)
+  return accept_part()
 end
 
 --- The next word of a suggestion (leading blanks included).
@@ -237,27 +307,6 @@ function M._next_line(text)
   return nl and text:sub(1, nl - 1) or text
 end
 
-local function accept_part(pick)
-  local bufnr = api.nvim_get_current_buf()
-  if use_native() then
-    -- Native ghost text: take the item and insert only part of it ourselves.
-    local ok = pcall(vim.lsp.inline_completion.get, {
-      bufnr = bufnr,
-      on_accept = function(item)
-        local text = item_text(item) or ''
-        local part = pick(text)
-        local row, col = unpack(api.nvim_win_get_cursor(0))
-        local lines = vim.split(part, '\n', { plain = true })
-        api.nvim_buf_set_text(bufnr, row - 1, col, row - 1, col, lines)
-        api.nvim_win_set_cursor(0, { row + #lines - 1, (#lines == 1 and col or 0) + #lines[#lines] })
-      end,
-    })
-    return ok
-  end
-  local s = suggestions[bufnr]
-  return s ~= nil and insert_part(bufnr, pick(s.text))
-end
-
 function M.accept_word()
   return accept_part(M._next_word)
 end
@@ -266,16 +315,14 @@ function M.accept_line()
   return accept_part(M._next_line)
 end
 
+--- Drop the suggestion on screen and any request under way. Returns false when
+--- nothing was shown.
 function M.dismiss()
   local bufnr = api.nvim_get_current_buf()
   cancel(bufnr)
-  if use_native() then
-    -- No dismiss in the native API: toggling the feature drops the candidate.
-    pcall(vim.lsp.inline_completion.enable, false, { bufnr = bufnr })
-    pcall(vim.lsp.inline_completion.enable, true, { bufnr = bufnr })
-    return
-  end
+  local shown = native_dismiss(bufnr) or suggestions[bufnr] ~= nil
   clear(bufnr)
+  return shown
 end
 
 -- ---- rewrite ------------------------------------------------------------------------
@@ -302,8 +349,11 @@ function M.rewrite(opts)
   if opts.charwise then
     local s, e = vim.fn.getpos("'<"), vim.fn.getpos("'>")
     local sl, el = lines[s[2]] or '', lines[e[2]] or ''
-    -- '> points at the last selected character: include all of its bytes.
-    local last = vim.str_utf_end(el, e[3]) + e[3]
+    -- '> is the column of the last selected byte, past the end of the line
+    -- after `v$` or on an empty line: clamp it, then take all the bytes of
+    -- that last character.
+    local c = math.min(e[3], #el)
+    local last = c > 0 and (c + vim.str_utf_end(el, c)) or 0
     range = {
       start = { line = s[2] - 1, character = utf_col(sl, s[3] - 1, enc) },
       ['end'] = { line = e[2] - 1, character = utf_col(el, last, enc) },
@@ -412,35 +462,16 @@ end
 
 local function map_keys()
   local km = M.config.keymaps or {}
+  -- The key does its own work (a Tab is a Tab) unless a suggestion is on screen;
+  -- `fn` only schedules its edits, as an <expr> mapping requires.
   local function expr_map(lhs, fn, desc)
-    if not lhs then
-      return
+    if lhs then
+      vim.keymap.set('i', lhs, function()
+        return fn() and '' or vim.keycode(lhs)
+      end, { expr = true, replace_keycodes = false, desc = desc })
     end
-    vim.keymap.set('i', lhs, function()
-      if M.visible() or (use_native() and lhs ~= km.accept) then
-        -- Buffer edits are not allowed while an <expr> mapping is evaluated.
-        vim.schedule(fn)
-        return ''
-      end
-      return vim.keycode(lhs)
-    end, { expr = true, replace_keycodes = false, desc = desc })
   end
-  if km.accept then
-    vim.keymap.set('i', km.accept, function()
-      if use_native() then
-        -- Neovim's documented pattern: get() accepts when a candidate is shown.
-        if vim.lsp.inline_completion.get() then
-          return ''
-        end
-        return vim.keycode(km.accept)
-      end
-      if M.visible() then
-        vim.schedule(M.accept)
-        return ''
-      end
-      return vim.keycode(km.accept)
-    end, { expr = true, replace_keycodes = false, desc = 'dgemma: accept suggestion' })
-  end
+  expr_map(km.accept, M.accept, 'dgemma: accept suggestion')
   expr_map(km.accept_word, M.accept_word, 'dgemma: accept next word')
   expr_map(km.accept_line, M.accept_line, 'dgemma: accept next line')
   expr_map(km.dismiss, M.dismiss, 'dgemma: dismiss suggestion')
@@ -458,39 +489,40 @@ function M.setup(opts)
     callback = function(args) M.attach(args.buf) end,
   })
   api.nvim_create_autocmd('LspAttach', { group = group, callback = on_lsp_attach })
-  if not use_native() then
-    api.nvim_create_autocmd('TextChangedI', {
-      group = group,
-      callback = function(args)
-        if accepted_tick[args.buf] == api.nvim_buf_get_changedtick(args.buf) then
-          return
+  -- This module's own suggestions (all of them on 0.11, invoked ones on 0.12)
+  -- follow the cursor and the typing.
+  api.nvim_create_autocmd('TextChangedI', {
+    group = group,
+    callback = function(args)
+      if accepted_tick[args.buf] == api.nvim_buf_get_changedtick(args.buf) then
+        return
+      end
+      clear(args.buf)
+      -- On 0.12 Neovim asks for ghost text while typing itself.
+      if M.config.auto_trigger and not use_native() and get_client(args.buf) then
+        schedule_trigger(args.buf)
+      end
+    end,
+  })
+  api.nvim_create_autocmd('CursorMovedI', {
+    group = group,
+    callback = function(args)
+      local s = suggestions[args.buf]
+      if s then
+        local c = api.nvim_win_get_cursor(0)
+        if c[1] - 1 ~= s.row or c[2] ~= s.col then
+          clear(args.buf)
         end
-        clear(args.buf)
-        if M.config.auto_trigger and get_client(args.buf) then
-          schedule_trigger(args.buf)
-        end
-      end,
-    })
-    api.nvim_create_autocmd('CursorMovedI', {
-      group = group,
-      callback = function(args)
-        local s = suggestions[args.buf]
-        if s then
-          local c = api.nvim_win_get_cursor(0)
-          if c[1] - 1 ~= s.row or c[2] ~= s.col then
-            clear(args.buf)
-          end
-        end
-      end,
-    })
-    api.nvim_create_autocmd({ 'InsertLeave', 'BufLeave' }, {
-      group = group,
-      callback = function(args)
-        cancel(args.buf)
-        clear(args.buf)
-      end,
-    })
-  end
+      end
+    end,
+  })
+  api.nvim_create_autocmd({ 'InsertLeave', 'BufLeave' }, {
+    group = group,
+    callback = function(args)
+      cancel(args.buf)
+      clear(args.buf)
+    end,
+  })
   map_keys()
   -- Buffers opened before setup (lazy loading) get the server too.
   for _, b in ipairs(api.nvim_list_bufs()) do
