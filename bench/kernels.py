@@ -5,7 +5,8 @@
 For each shape: check the Triton result against the torch reference, then time
   * bf16 cuBLAS (x @ W^T with W in bf16),
   * dequantize-then-matmul (what a naive 4-bit path does every call),
-  * the Triton W4A16 kernel,
+  * the Triton W4A16 kernel (autotuned by its first call, the correctness check; the tile it
+    chose is printed),
   * the floor: bytes the kernel must read / measured device copy bandwidth.
 The MoE line runs one layer's experts (128 x [1408, 2816] + [2816, 704]) for a
 256-token canvas routed top-8, against the bf16 experts loop of transformers.
@@ -53,13 +54,21 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms / 1e3)
 
 
+def _tuned() -> str:
+    """The tile the autotuner chose for the last launch: BLOCK_N x BLOCK_K, warps, stages."""
+    from dgemma.kernels.triton_w4a16 import _w4a16_kernel
+
+    c = _w4a16_kernel.best_config
+    return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
+
+
 def bench_dense(iters: int, bandwidth: float) -> list[str]:
     from dgemma.kernels.reference import w4a16_matmul_ref
     from dgemma.kernels.triton_w4a16 import w4a16_matmul_triton
     from dgemma.quant.formats import quantize
 
-    lines = ["| shape | fmt | rows | bf16 cuBLAS ms | dequant+matmul ms | Triton W4A16 ms | floor ms |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| shape | fmt | rows | bf16 cuBLAS ms | dequant+matmul ms | Triton W4A16 ms | tile | floor ms |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, n, k in DENSE_SHAPES:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         for fmt in ("nvfp4", "nf4"):
@@ -67,11 +76,12 @@ def bench_dense(iters: int, bandwidth: float) -> list[str]:
             for m in ROWS:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 torch.testing.assert_close(w4a16_matmul_triton(x, q), w4a16_matmul_ref(x, q), rtol=2e-2, atol=2e-2)
+                tile = _tuned()
                 t_bf16 = _time(lambda: x @ w.T, iters)
                 t_deq = _time(lambda: w4a16_matmul_ref(x, q), iters)
                 t_tri = _time(lambda: w4a16_matmul_triton(x, q), iters)
                 floor = (q.nbytes() + x.numel() * 2 + m * n * 2) / bandwidth * 1e3
-                lines.append(f"| {label} | {fmt} | {m} | {t_bf16:.4f} | {t_deq:.4f} | {t_tri:.4f} | {floor:.4f} |")
+                lines.append(f"| {label} | {fmt} | {m} | {t_bf16:.4f} | {t_deq:.4f} | {t_tri:.4f} | {tile} | {floor:.4f} |")
     return lines
 
 

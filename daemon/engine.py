@@ -5,7 +5,6 @@ request -> context ids (prefix cache) -> canvas plan (canvas.py) -> denoise loop
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -19,8 +18,9 @@ from dgemma.daemon.canvas import CanvasPlan, plan_rows, slot_candidates, slot_to
 from dgemma.daemon.denoise import Interrupt, StepState, denoise, encode
 from dgemma.daemon.errors import DgemmaError
 from dgemma.daemon.loading import LoadedModel
-from dgemma.daemon.prefix_cache import PrefixCache
+from dgemma.daemon.prefix_cache import PrefixCache, copy_cache, default_budget
 from dgemma.daemon.sampling import SamplerSettings
+from dgemma.quant.plan import PREFILL_CHUNK_TOKENS
 
 MAX_ALTERNATIVES = 8
 MAX_NEW_TOKENS = 4096
@@ -105,9 +105,8 @@ class Engine:
         # 1 GiB per row at 262k vocabulary. Rows beyond the budget are decoded one batch after another.
         per_row = 4 * self.canvas_length * self.vocab_size * 4
         self.max_rows = max_rows or max(1, (logits_budget_bytes or (1 << 30)) // per_row)
-        if prefix_cache_bytes is None:
-            prefix_cache_bytes = (1 << 30) if self.device.type == "cuda" else (256 << 20)
-        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.prefix_cache = PrefixCache(default_budget(self.device) if prefix_cache_bytes is None
+                                        else prefix_cache_bytes)
 
     # ------------------------------------------------------------------ public API
     def fill(self, prefix: str, suffix: str, *, n: int = 1, max_tokens: int = 256, seed: int | None = None,
@@ -223,13 +222,20 @@ class Engine:
     def _prefill(self, ids: list[int], stable: int) -> tuple[DynamicCache, int]:
         hit = self.prefix_cache.lookup(ids[:stable])
         cache, done = (hit[1], len(hit[0])) if hit else (DynamicCache(config=self.text_config), 0)
-        as_tensor = lambda part: torch.tensor([part], dtype=torch.long, device=self.device)  # noqa: E731
         if done < stable:
-            encode(self.model, as_tensor(ids[done:stable]), cache)
+            self._encode_in_chunks(ids[done:stable], cache)
             self.prefix_cache.store(ids[:stable], cache)
         if stable < len(ids):
-            encode(self.model, as_tensor(ids[stable:]), cache)
+            self._encode_in_chunks(ids[stable:], cache)
         return cache, done
+
+    def _encode_in_chunks(self, part: list[int], cache: DynamicCache) -> None:
+        """Encoder passes of at most PREFILL_CHUNK_TOKENS: a sliding-window layer keeps every key of
+        its last pass behind its window view, so one 8k pass would hold 1.6 GiB more on the 26B
+        (the memory plan counts on this)."""
+        for start in range(0, len(part), PREFILL_CHUNK_TOKENS):
+            chunk = torch.tensor([part[start:start + PREFILL_CHUNK_TOKENS]], dtype=torch.long, device=self.device)
+            encode(self.model, chunk, cache)
 
     # ------------------------------------------------------------------ canvases -> completions
     def _noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -312,7 +318,7 @@ class Engine:
 
         completions = []
         for row in chosen:
-            branch = cache if len(chosen) == 1 else copy.deepcopy(cache)
+            branch = cache if len(chosen) == 1 else copy_cache(cache, self.device)
             row = self._continue(branch, len(ids), row, suffix_ids, plans, max_tokens, strength, req)
             completions.append(Completion(text=self._decode(row.tokens), score=row.score, tokens=len(row.tokens),
                                           finished=row.finished))

@@ -80,8 +80,10 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 
 
 def load_model(model: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, quantize: str | None = None) -> LoadedModel:
-    """Load a checkpoint directory (or an offline hub cache entry); see docs/engine.md."""
+               dtype: str | torch.dtype | None = None, quantize: str | None = None,
+               progress: bool = False) -> LoadedModel:
+    """Load a checkpoint directory (or an offline hub cache entry); see docs/engine.md.
+    ``progress`` draws progress bars on stderr while the weights load."""
     path = resolve_model_path(model)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -97,7 +99,7 @@ def load_model(model: str | os.PathLike | None = None, *, device: str | torch.de
     # pre-quantized (ModelOpt NVFP4, compressed-tensors, dgemma's own), or bf16 quantized while it
     # streams in (`quantize=`). Vision weights in the files are never read.
     try:
-        loaded = quant_checkpoint.load_quantized_into(empty, path, dev, dt, quantize=quantize)
+        loaded = quant_checkpoint.load_quantized_into(empty, path, dev, dt, quantize=quantize, progress=progress)
     except ValueError as exc:  # CheckpointError: unsupported format, missing or mis-shaped tensors
         raise DgemmaError("model_missing", f"Cannot load {path}: {exc}") from None
     if (path / "generation_config.json").is_file():

@@ -3,13 +3,29 @@
 Entries are KV caches keyed by the exact token ids they encode, evicted least recently used once
 their total size passes a byte budget. A lookup returns the longest entry whose ids start the
 new prompt; the caller encodes only the rest.
+
+Entries live in host memory whatever the model's device (pinned when it is a GPU, so a hit is one
+fast copy back). The cache then costs no GPU memory, of which the 26B-A4B's memory plan has none
+to spare, and copying an 8k-token prefix back (0.35 GiB) is far cheaper than encoding it again.
+Every stored tensor is a compact copy: a sliding-window layer's keys are a view into everything
+its last encoder pass produced (transformers keeps the window by slicing), so copying the view's
+storage, as deepcopy does, would keep the whole prompt while the budget counted only the window.
 """
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
 
+import torch
 from transformers import DynamicCache
+
+# Default budgets (host memory) for an engine on a GPU and on the CPU. A GPU model is the 26B-A4B,
+# whose 8k-token prefix takes 0.35 GiB; the CPU one is the small bundled model.
+DEFAULT_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
+
+
+def default_budget(device: torch.device) -> int:
+    return DEFAULT_BYTES["cuda" if device.type == "cuda" else "cpu"]
 
 
 def cache_bytes(cache: DynamicCache) -> int:
@@ -17,10 +33,28 @@ def cache_bytes(cache: DynamicCache) -> int:
                for t in (layer.keys, layer.values))
 
 
+def _cache_device(cache: DynamicCache) -> torch.device:
+    return next((layer.keys.device for layer in cache.layers if layer.is_initialized), torch.device("cpu"))
+
+
+def copy_cache(cache: DynamicCache, device: torch.device) -> DynamicCache:
+    """A private copy of ``cache`` with every key and value tensor compacted onto ``device``."""
+    memo: dict[int, object] = {}
+    for layer in cache.layers:
+        if layer.is_initialized:
+            for t in (layer.keys, layer.values):
+                if id(t) not in memo:
+                    pin = device.type == "cpu" and t.is_cuda
+                    memo[id(t)] = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin).copy_(t)
+    # deepcopy uses the pre-filled memo for the tensors and copies the layers' other state.
+    return copy.deepcopy(cache, memo)
+
+
 class PrefixCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[int, ...], tuple[DynamicCache, int]] = OrderedDict()
+        # ids -> (cache in host memory, its bytes, the device it came from and goes back to)
+        self._entries: OrderedDict[tuple[int, ...], tuple[DynamicCache, int, torch.device]] = OrderedDict()
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -29,7 +63,8 @@ class PrefixCache:
         return len(self._entries)
 
     def lookup(self, ids: list[int]) -> tuple[tuple[int, ...], DynamicCache] | None:
-        """The longest cached prefix of ``ids`` and a private copy of its cache (callers extend it)."""
+        """The longest cached prefix of ``ids`` and a private copy of its cache on the device it
+        was stored from (callers extend it)."""
         best = None
         for key in self._entries:
             if len(key) <= len(ids) and (best is None or len(key) > len(best)) and ids[: len(key)] == list(key):
@@ -39,7 +74,8 @@ class PrefixCache:
             return None
         self.hits += 1
         self._entries.move_to_end(best)
-        return best, copy.deepcopy(self._entries[best][0])
+        entry, _, device = self._entries[best]
+        return best, copy_cache(entry, device)
 
     def store(self, ids: list[int], cache: DynamicCache) -> None:
         key = tuple(ids)
@@ -48,10 +84,10 @@ class PrefixCache:
         size = cache_bytes(cache)
         if size > self.max_bytes:
             return
-        self._entries[key] = (copy.deepcopy(cache), size)
+        self._entries[key] = (copy_cache(cache, torch.device("cpu")), size, _cache_device(cache))
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, (_, evicted) = self._entries.popitem(last=False)
+            _, (_, evicted, _) = self._entries.popitem(last=False)
             self.bytes -= evicted
 
     def clear(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import gc
 import hmac
 import json
@@ -61,8 +62,8 @@ class Server:
         self.cli_device = device
         self.socket = socket or socket_path()
         self.config_file = config_file or config_path()
-        self.engine_factory = engine_factory or _default_engine_factory
-        self.progress = progress
+        # progress: the loader's own bars (tensors loaded, experts quantized) on the terminal.
+        self.engine_factory = engine_factory or functools.partial(_default_engine_factory, progress=progress)
         self.scheduler = Scheduler()
         self.watcher = ConfigWatcher(self.config_file, config, self._config_changed)
         self.watcher.error = config_error
@@ -111,7 +112,6 @@ class Server:
         self.state = "loading"
         t0 = time.monotonic()
         log.info("loading model %s", spec or "(bundled)")
-        stop_spinner = _spinner(f"loading {spec or 'the bundled model'}") if self.progress else None
         error: DgemmaError | None = None
         try:
             engine = self._build_engine(config, spec)
@@ -120,9 +120,6 @@ class Server:
         except Exception as exc:
             log.error("model load failed:\n%s", traceback.format_exc())
             error = DgemmaError("model_missing", f"cannot load the model: {type(exc).__name__}: {exc}")
-        finally:
-            if stop_spinner:
-                stop_spinner()
         if error is not None:
             self.load_error = error
             if self.engine is None:
@@ -619,11 +616,12 @@ def result_payload(res: Any, model_name: str | None) -> dict[str, Any]:
     }
 
 
-def _default_engine_factory(config: Config, model: str | None, device: str | None) -> Any:
+def _default_engine_factory(config: Config, model: str | None, device: str | None, progress: bool = False) -> Any:
     from .engine import Engine
     from .loading import load_model
 
-    return Engine(load_model(model, device=device, dtype=config.dtype, quantize=config.quantization))
+    return Engine(load_model(model, device=device, dtype=config.dtype, quantize=config.quantization,
+                             progress=progress))
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -662,27 +660,6 @@ def _read_pid(folder: Path) -> int | None:
         return int(json.loads((folder / "daemon.pid").read_text())["pid"])
     except Exception:
         return None
-
-
-def _spinner(label: str) -> Callable[[], None]:
-    """Elapsed time while the model loads: load_model reports no fraction done, so no bar
-    pretends to know one."""
-    from tqdm import tqdm
-
-    bar = tqdm(desc=label, total=None, bar_format="{desc}: {elapsed} elapsed", leave=False)
-    done = threading.Event()
-
-    def tick() -> None:
-        while not done.wait(0.25):
-            bar.refresh()
-    t = threading.Thread(target=tick, daemon=True)
-    t.start()
-
-    def stop() -> None:
-        done.set()
-        t.join()
-        bar.close()
-    return stop
 
 
 def run(config: Config, *, model: str | None = None, device: str | None = None,

@@ -2,7 +2,8 @@
 
 `DGEMMA_KERNELS=torch` forces the reference (e.g. to bisect a numerical issue);
 `DGEMMA_KERNELS=triton` forces Triton, which off CUDA only works under
-`TRITON_INTERPRET=1` (how the CPU tests exercise the kernels).
+`TRITON_INTERPRET=1` (how the CPU tests exercise the kernels); `auto` (or unset) is the
+default. Any other value is an error rather than a silent fallback.
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ def _triton_available() -> bool:
     return True
 
 
+MODES = ("auto", "torch", "triton")
+
+
 def use_triton(x: torch.Tensor) -> bool:
-    mode = os.environ.get("DGEMMA_KERNELS", "auto").lower()
-    if mode == "torch":
-        return False
-    if mode == "triton":
-        return True
-    return x.is_cuda and _triton_available()
+    """Whether the kernels for `x` run in Triton, as DGEMMA_KERNELS asks (read at every call)."""
+    mode = os.environ.get("DGEMMA_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"DGEMMA_KERNELS={os.environ['DGEMMA_KERNELS']!r} is not one of {', '.join(MODES)}")
+    if mode == "auto":
+        return x.is_cuda and _triton_available()
+    return mode == "triton"
 
 
 def w4a16_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:

@@ -8,8 +8,9 @@ router weight are applied once in the epilogue instead of per element.
 Packed bytes hold elements (2j, 2j+1) in (low, high) nibbles, so the activations are
 read as even and odd columns and the two halves are two dots: no interleave needed.
 
-Block sizes follow the canvas: a 256-token canvas gives 16..512 rows for the dense
-layers and ~16 rows per expert in the MoE (top-8 of 128), so small BLOCK_M.
+BLOCK_M follows the rows: a 256-token canvas gives 16..512 rows for the dense layers and ~16
+rows per expert in the MoE (top-8 of 128), so small ones. BLOCK_N, BLOCK_K, warps and stages are
+autotuned on a GPU, once per (row bucket, N, K, dtypes) in a process.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dgemma.kernels.moe_align import moe_align
+from dgemma.kernels.moe_align import MOE_CHUNK_TOKENS, moe_align
 from dgemma.quant.formats import QuantizedWeight, code_table
 
-MOE_CHUNK_TOKENS = 1024
 # Triton 3.9's interpreter computes tl.dot on bf16/fp16 operands as garbage (checked on CPU),
 # so under TRITON_INTERPRET the operands are widened to fp32 first; compiled kernels are unaffected.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -57,19 +57,36 @@ def _decode_tile(p_base, s_base, lut_ptr, rows_n, kh, mask, stride_pn, stride_sn
     # Both nibbles of a byte sit in the same block because GROUP is even.
     s = tl.load(s_base + rows_n[None, :] * stride_sn + ((2 * kh) // GROUP)[:, None], mask=mask, other=0)
     if SCALE_E4M3:
+        # float8_e4m3fn from its bits, as torch decodes it: sign, 4-bit exponent (bias 7) with
+        # subnormals at exponent 0, and NaN for all-ones exponent and mantissa (no infinities).
         s = s.to(tl.int32)
         ex = (s >> 3) & 15
         man = (s & 7).to(tl.float32)
         sf = tl.where(ex == 0, man * 0.001953125, (8.0 + man) * tl.exp2(ex.to(tl.float32) - 10.0))
+        sf = tl.where((s & 0x80) != 0, -sf, sf)
+        sf = tl.where((s & 0x7F) == 0x7F, float("nan"), sf)
     else:
         sf = s.to(tl.float32)
     return w_lo * sf, w_hi * sf
 
 
-@triton.jit
+def _configs() -> list[triton.Config]:
+    """Tile and launch candidates, timed on a GPU; the earlier fixed tiles (BLOCK_N 64, BLOCK_K 64 or
+    128, Triton's default 4 warps and 3 stages) are among them. The interpreter ignores warps and stages
+    and would run every candidate: it gets one."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128})]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+            for bn in (64, 128) for bk in (64, 128) for warps, stages in ((4, 3), (8, 3))]
+
+
+# M_BUCKET (rows rounded up to a power of two) keys the tuning without re-timing every row count;
+# it is not specialized on, so its values share one compiled kernel.
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"])
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _w4a16_kernel(
     a_ptr, p_ptr, s_ptr, g_ptr, lut_ptr, c_ptr, rows_ptr, expert_ptr, tw_ptr,
-    M, N, K, num_rows, seg_rows,
+    M, N, K, num_rows, seg_rows, M_BUCKET,
     stride_am, stride_ak,
     stride_pe, stride_pn,
     stride_se, stride_sn,
@@ -136,13 +153,20 @@ def _w4a16_kernel(
     tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
-def _blocks_for(m: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) by row count. Chosen for 16..512 rows; not yet timed on a GPU."""
-    if m <= 16:
-        return 16, 64, 128
-    if m <= 64:
-        return 32, 64, 128
-    return 64, 64, 64
+def _block_m(m: int) -> int:
+    """BLOCK_M of the dense kernel by row count: little padding for 16..512 rows."""
+    return 16 if m <= 16 else (32 if m <= 64 else 64)
+
+
+def _moe_block_m(tokens: int, top_k: int, num_experts: int) -> int:
+    """BLOCK_M of the MoE kernels from the ~T*K/E rows per expert: a 256-token canvas with top-8 of
+    128 experts gives ~16; every expert's rows are padded to a multiple of it."""
+    rows = tokens * top_k
+    return 16 if rows <= 64 * num_experts else (32 if rows <= 256 * num_experts else 64)
+
+
+def _bucket(m: int) -> int:
+    return 1 << min(max(m - 1, 0).bit_length(), 12)
 
 
 def _check(w: QuantizedWeight, k: int) -> None:
@@ -166,13 +190,13 @@ def w4a16_matmul_triton(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     m = a.shape[0]
     n = w.shape[-2]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    bm, bn, bk = _blocks_for(m)
+    bm = _block_m(m)
     scales, e4m3 = _scale_arg(w)
     seg_rows = n // w.global_scale.shape[-1]
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    grid = lambda meta: (triton.cdiv(m, bm), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _w4a16_kernel[grid](
         a, w.packed, scales, w.global_scale, _lut(w.fmt, x.device), out, a, a, a,
-        m, n, k, m, seg_rows,
+        m, n, k, m, seg_rows, _bucket(m),
         a.stride(0), a.stride(1),
         0, w.packed.stride(-2),
         0, scales.stride(-2),
@@ -180,7 +204,7 @@ def w4a16_matmul_triton(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
         out.stride(0), out.stride(1),
         GROUP=w.block, SCALE_E4M3=e4m3,
         MOE=False, A_ROW_DIV=1, MUL_WEIGHT=False, FUSE_GATE=False,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=_INTERPRET,
+        BLOCK_M=bm, UPCAST=_INTERPRET,
     )
     return out.reshape(*x.shape[:-1], n)
 
@@ -189,14 +213,13 @@ def _moe_gemm(a, w: QuantizedWeight, out, sorted_rows, block_expert, num_rows, a
     n = out.shape[1]
     k = a.shape[1]
     _check(w, k)
-    _, bn, bk = _blocks_for(bm)
     scales, e4m3 = _scale_arg(w)
     seg_rows = w.shape[-2] // w.global_scale.shape[-1]
-    grid = (block_expert.numel(), triton.cdiv(n, bn))
+    grid = lambda meta: (block_expert.numel(), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _w4a16_kernel[grid](
         a, w.packed, scales, w.global_scale, _lut(w.fmt, a.device), out, sorted_rows, block_expert,
         tw if tw is not None else a,
-        num_rows, n, k, num_rows, seg_rows,
+        num_rows, n, k, num_rows, seg_rows, bm,
         a.stride(0), a.stride(1),
         w.packed.stride(0), w.packed.stride(1),
         scales.stride(0), scales.stride(1),
@@ -204,7 +227,7 @@ def _moe_gemm(a, w: QuantizedWeight, out, sorted_rows, block_expert, num_rows, a
         out.stride(0), out.stride(1),
         GROUP=w.block, SCALE_E4M3=e4m3,
         MOE=True, A_ROW_DIV=a_row_div, MUL_WEIGHT=tw is not None, FUSE_GATE=fuse_gate,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=_INTERPRET,
+        BLOCK_M=bm, UPCAST=_INTERPRET,
     )
 
 
@@ -220,7 +243,6 @@ def moe_w4a16_triton(
     if activation != "gelu_pytorch_tanh":
         raise NotImplementedError(f"fused MoE kernel supports gelu_pytorch_tanh, not {activation}")
     if hidden_states.shape[0] > MOE_CHUNK_TOKENS:
-        # A long prefill would hold [T*K, H] partial outputs at once; chunks bound that memory.
         return torch.cat([
             moe_w4a16_triton(hidden_states[i:i + MOE_CHUNK_TOKENS], top_k_index[i:i + MOE_CHUNK_TOKENS],
                              top_k_weights[i:i + MOE_CHUNK_TOKENS], gate_up, down, activation)
@@ -230,8 +252,7 @@ def moe_w4a16_triton(
     top_k = top_k_index.shape[1]
     num_experts, two_i, _ = gate_up.shape
     inter = two_i // 2
-    # ~T*K/E rows per expert: a 256-token canvas with top-8 of 128 gives ~16.
-    bm = 16 if t * top_k <= 64 * num_experts else (32 if t * top_k <= 256 * num_experts else 64)
+    bm = _moe_block_m(t, top_k, num_experts)
     sorted_rows, block_expert, num_rows = moe_align(top_k_index, num_experts, bm)
     x = hidden_states.contiguous()
     mid = torch.zeros(num_rows, inter, dtype=x.dtype, device=x.device)

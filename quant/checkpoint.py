@@ -55,9 +55,9 @@ def load_quantized_into(
         _load_experts(model, store, fmt, device, quantize, progress)
         _load_linears(model, store, fmt, device, dtype)
         materialize_meta(model, device, dtype)
-        _load_dense_tensors(model, store, dtype)
+        _load_dense_tensors(model, store, dtype, progress)
         if dense is not None and fmt is None:
-            _quantize_linears(model, dense)
+            _quantize_linears(model, dense, progress)
     return model
 
 
@@ -160,7 +160,7 @@ def materialize_meta(model: nn.Module, device: torch.device, dtype: torch.dtype)
                 module._buffers[key] = b.to(dtype)
 
 
-def _load_dense_tensors(model: nn.Module, store: TensorStore, dtype: torch.dtype) -> None:
+def _load_dense_tensors(model: nn.Module, store: TensorStore, dtype: torch.dtype, progress: bool = False) -> None:
     slots: dict[int, tuple[torch.Tensor, list[str]]] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, (QuantizedExperts, QuantLinear, Packed4bit)) or type(module).__name__ == "Linear4bit":
@@ -174,7 +174,7 @@ def _load_dense_tensors(model: nn.Module, store: TensorStore, dtype: torch.dtype
             full = f"{mod_name}.{key}" if mod_name else key
             slots.setdefault(id(t), (t, []))[1].append(full)
     missing = []
-    for t, names in slots.values():
+    for t, names in tqdm(list(slots.values()), desc="dense tensors", disable=not progress):
         names.sort(key=lambda n: (".decoder." not in f".{n}", n))
         name = next((n for n in names if n in store), None)
         if name is None:
@@ -189,10 +189,9 @@ def _load_dense_tensors(model: nn.Module, store: TensorStore, dtype: torch.dtype
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors the model needs: {shown}")
 
 
-def _quantize_linears(model: nn.Module, dense: str) -> None:
-    for _, slots in list(tied_groups(model, "linear")):
-        if not dense_candidate(slots[0][2]):
-            continue
+def _quantize_linears(model: nn.Module, dense: str, progress: bool = False) -> None:
+    groups = [g for g in tied_groups(model, "linear") if dense_candidate(g[1][0][2])]
+    for _, slots in tqdm(groups, desc=f"linear -> {dense}", disable=not progress):
         lin = getattr(slots[0][0], slots[0][1])
         q = linear_to_nf4(lin) if dense == "nf4" else QuantLinear.from_linear(lin, dense)
         for parent, attr, _ in slots:

@@ -1,33 +1,57 @@
-"""Memory plan from a config alone: weights by component, KV cache, activations, fit.
+"""Memory plan from a config alone: weights by component, KV cache, the peak of each pass, fit.
 
-Weights are counted exactly from the model built on the meta device (tied tensors once,
-vision tower excluded), experts at their 4-bit storage size including scales. The KV
-cache follows the config's per-layer heads and head dims, with sliding-window layers
-capped at their window. Activations are an estimate of the largest live tensors of the
-two passes that dominate (a canvas decode and a whole-prompt prefill); the terms are
-listed in `activation_terms` so the estimate can be checked.
+Weights are counted exactly from the model built on the meta device (tied tensors once, vision
+tower excluded), experts at their 4-bit storage size including scales. Everything else is what
+the daemon holds besides the weights at the peak of its two passes, term by term in `passes`:
 
-Not counted: the CUDA context and allocator fragmentation (driver dependent), and
-attention score matrices, which fused attention (SDPA flash / memory-efficient) never
-materializes.
+* canvas decode, one denoising step of `dgemma.daemon.denoise` (bf16 model): across the step the
+  loop holds one fp32 logits tensor (canvas x vocabulary; the previous step's while the model runs)
+  and the self-conditioning logits in bf16; on top comes the largest transient, which at a 262k
+  vocabulary is transformers' softcap (`logits / cap`, `tanh`, `* cap`, each a new fp32 tensor, so
+  two exist at once) or, as large, the fp32 softmax of the self-conditioning logits. Checked against
+  the CPU allocator's record of a real step in tests/test_quant_plan.py. One request with one
+  alternative: each further alternative continued past its first canvas copies the KV cache.
+* prompt prefill, the last chunk of `prefill_chunk` prompt tokens: attention over the whole context
+  with the key/value heads repeated to the query heads (transformers does that whenever a mask is
+  passed or the head dimension is over 256) and the masks, or the feed-forward block, whichever is
+  larger. An estimate: attention kernels differ by device and none is measured here.
+
+The KV cache follows the per-layer heads and head dims. transformers keeps a sliding-window layer's
+last `window - 1` tokens as a view into the keys of its last encoder pass, so such a layer really
+holds `window - 1` plus that pass's tokens: a canvas commit (decode) or a prefill chunk.
+
+Outside `total`, and stated in the output: the CUDA context (`cuda_context`, a driver-dependent
+reserve; `--vram` is what the daemon's tensors may use, i.e. what a GPU has free once a context
+exists, as `torch.cuda.mem_get_info` and `dgemma doctor` see it), allocator fragmentation, and the
+prefix cache, whose entries live in host memory (`prefix_cache_host`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
+import torch
 from torch import nn
 from transformers import DiffusionGemmaConfig
 
+from dgemma.daemon import denoise
+from dgemma.daemon.prefix_cache import default_budget
+from dgemma.kernels.moe_align import MOE_CHUNK_TOKENS
 from dgemma.quant.formats import NF4_BLOCK, NVFP4_BLOCK
 from dgemma.quant.meta import meta_model
 
 GIB = 1 << 30
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-# Tokens per MoE kernel launch during prefill (kernels.triton_w4a16.MOE_CHUNK_TOKENS).
-MOE_CHUNK = 1024
+# What a CUDA context with PyTorch's kernels and cuBLAS workspace typically takes on a recent GPU
+# (driver and CUDA version dependent; not measurable without one).
+CUDA_CONTEXT_BYTES = 512 << 20
+# Prompt tokens per encoder pass that the plan assumes of the engine. At most the 26B's sliding
+# window (1024), so a sliding layer's cache never holds more than two windows of keys.
+PREFILL_CHUNK_TOKENS = 1024
+BF16 = 2
+FP32 = 4
 
 
 def parse_bytes(text: str) -> int:
@@ -59,21 +83,35 @@ class MemoryPlan:
     context: int
     canvas: int
     batch: int
+    prefill_chunk: int
     experts_format: str | None
     dense_format: str | None
     weights: dict[str, int]
-    kv_cache: int
-    kv_detail: dict[str, int]
-    activations: int
-    activation_terms: dict[str, dict[str, int]] = field(default_factory=dict)
+    kv_detail: dict[str, int]  # while decoding, by layer type
+    passes: dict[str, dict[str, int]]  # bytes besides the weights at each pass's peak, KV cache included
+    cuda_context: int
+    prefix_cache_host: int
 
     @property
     def weights_total(self) -> int:
         return sum(self.weights.values())
 
     @property
+    def kv_cache(self) -> int:
+        return sum(self.kv_detail.values())
+
+    @property
+    def peak_pass(self) -> str:
+        return max(self.passes, key=lambda k: sum(self.passes[k].values()))
+
+    @property
     def total(self) -> int:
-        return self.weights_total + self.kv_cache + self.activations
+        """GPU memory the daemon's tensors need at their peak (the CUDA context comes on top)."""
+        return self.weights_total + sum(self.passes[self.peak_pass].values())
+
+    @property
+    def gpu_total(self) -> int:
+        return self.total + self.cuda_context
 
     @property
     def fits(self) -> bool:
@@ -81,8 +119,8 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(weights_total=self.weights_total, total=self.total, fits=self.fits,
-                 headroom=self.vram - self.total)
+        d.update(weights_total=self.weights_total, kv_cache=self.kv_cache, peak_pass=self.peak_pass,
+                 total=self.total, gpu_total=self.gpu_total, fits=self.fits, headroom=self.vram - self.total)
         return d
 
 
@@ -122,43 +160,81 @@ def weight_bytes(model: nn.Module, experts_format: str | None, dense_format: str
     return out
 
 
-def kv_cache_bytes(config: DiffusionGemmaConfig, context: int, batch: int = 1) -> dict[str, int]:
-    """bf16 keys + values per layer type; sliding layers hold at most `sliding_window` tokens."""
+def _cached_tokens(config: DiffusionGemmaConfig, kind: str, context: int, last_pass: int) -> int:
+    """Tokens a layer's cache holds: sliding layers keep `window - 1` as a view into their last pass."""
+    if kind != "sliding_attention":
+        return context
+    return min(context, config.text_config.sliding_window - 1 + last_pass)
+
+
+def kv_cache_bytes(config: DiffusionGemmaConfig, context: int, batch: int = 1, last_pass: int = 0) -> dict[str, int]:
+    """bf16 keys + values per layer type after `context` tokens, the last `last_pass` of them encoded
+    in one encoder pass (their keys stay alive behind the sliding layers' window views)."""
     tc = config.text_config
     out: dict[str, int] = {}
     for i, kind in enumerate(tc.layer_types):
         lc = tc.per_layer_config[i]
-        tokens = min(context, tc.sliding_window) if kind == "sliding_attention" else context
-        out[kind] = out.get(kind, 0) + 2 * batch * tokens * lc.num_key_value_heads * lc.head_dim * 2
+        tokens = _cached_tokens(config, kind, context, last_pass)
+        out[kind] = out.get(kind, 0) + 2 * batch * tokens * lc.num_key_value_heads * lc.head_dim * BF16
     return out
 
 
-def activation_terms(config: DiffusionGemmaConfig, context: int, batch: int) -> dict[str, dict[str, int]]:
+def _layer_peak(config: DiffusionGemmaConfig, batch: int, queries: int, context: int) -> int:
+    """Largest live set inside one layer for `queries` tokens per row attending to `context` cached
+    tokens (a sliding layer sees its window's) plus themselves. The residual stream and the masks
+    live through the whole pass, the attention and feed-forward temporaries one after the other."""
+    tc = config.text_config
+    h, rows = tc.hidden_size, batch * queries
+    heads = tc.num_attention_heads
+    attention, masks, seen = 0, 0, set()
+    for i, kind in enumerate(tc.layer_types):
+        lc = tc.per_layer_config[i]
+        keys = _cached_tokens(config, kind, context, 0) + queries
+        attention = max(attention, (
+            3 * rows * heads * lc.head_dim * BF16  # queries, normed/rotated queries, attention output
+            + 2 * batch * keys * lc.num_key_value_heads * lc.head_dim * BF16  # cache + new keys/values
+            + 2 * batch * keys * heads * lc.head_dim * BF16  # ... repeated to the query heads
+            + rows * keys * BF16  # SDPA's additive copy of the boolean mask
+        ))
+        if kind not in seen:
+            seen.add(kind)
+            masks += rows * keys  # one boolean mask per layer type
+    k, inter = tc.top_k_experts or 0, tc.moe_intermediate_size or 0
+    moe = min(rows, MOE_CHUNK_TOKENS) * k * (inter + h) * BF16 + rows * h * FP32
+    feed_forward = moe + 3 * rows * tc.intermediate_size * BF16
+    return 6 * rows * h * BF16 + masks + max(attention, feed_forward)
+
+
+def pass_terms(config: DiffusionGemmaConfig, context: int, batch: int = 1,
+               prefill_chunk: int = PREFILL_CHUNK_TOKENS) -> dict[str, dict[str, int]]:
+    """Bytes besides the weights at the peak of a canvas decode and of a prompt prefill, by term."""
     tc = config.text_config
     canvas = config.canvas_length or 256
-    h, v, a = tc.hidden_size, tc.vocab_size, 2
-    k, inter, dense = tc.top_k_experts or 0, tc.moe_intermediate_size or 0, tc.intermediate_size
-    nq = tc.num_attention_heads
-    layers = [tc.per_layer_config[i] for i in range(tc.num_hidden_layers)]
-    hd = max(lc.head_dim for lc in layers)
-    kv = max(lc.num_key_value_heads * lc.head_dim for lc in layers)
-    rows = batch * canvas
-    decode = {
-        "hidden_states": 6 * rows * h * a,
-        "attention_qkv_and_concat_cache": 2 * rows * nq * hd * a + 2 * batch * (context + canvas) * kv * a,
-        "attention_masks": 2 * batch * canvas * (context + canvas),
-        "moe": rows * k * (inter + h) * a + rows * h * 4,
-        "dense_mlp": 3 * rows * dense * a,
-        # lm_head output (bf16) + softcapped fp32 logits + fp32 softmax for sampling and for self-conditioning
-        "logits": rows * v * (a + 3 * 4),
+    rows, vocab = batch * canvas, tc.vocab_size
+    logits = rows * vocab * FP32
+    # The sampler works on SAMPLE_CHUNK_BYTES of positions x vocabulary at a time; it holds four such
+    # temporaries at once: gathered rows, softmax, log-softmax and their product.
+    chunk_rows = min(rows, max(1, denoise.SAMPLE_CHUNK_BYTES // (vocab * FP32)))
+    transients = {
+        "softcap, 2 fp32 logits": 2 * logits + rows * tc.hidden_size * BF16,
+        # softmax(dtype=float32) of the bf16 logits: an fp32 copy, then the softmax itself.
+        "self-conditioning softmax": 2 * logits,
+        "sampler, 4 fp32 chunks": 4 * chunk_rows * vocab * FP32,
+        "final log-probs, 2 fp32 logits": 2 * logits,
+        "decoder layer": _layer_peak(config, batch, canvas, context),
     }
-    t = context
+    largest = max(transients, key=transients.__getitem__)
+    decode = {
+        "kv cache": sum(kv_cache_bytes(config, context, last_pass=canvas).values()),
+        # The canvas rows of one request read one cache through an expanded view (no copy).
+        "logits (fp32, one step's)": logits,
+        "self-conditioning logits (bf16)": rows * vocab * BF16,
+        f"transient: {largest}": transients[largest],
+    }
+    chunk = min(prefill_chunk or context, context)
     prefill = {
-        "hidden_states": 6 * t * h * a,
-        "attention_qkv": 2 * t * nq * hd * a + 2 * t * kv * a,
-        "attention_masks": 2 * t * t,
-        "moe": min(t, MOE_CHUNK) * k * (inter + h) * a + t * h * 4,
-        "dense_mlp": 3 * t * dense * a,
+        "kv cache": sum(kv_cache_bytes(config, context, last_pass=chunk).values()),
+        f"largest layer for {chunk} tokens": _layer_peak(config, 1, chunk, context - chunk),
     }
     return {"canvas_decode": decode, "prompt_prefill": prefill}
 
@@ -170,19 +246,22 @@ def plan(
     batch: int = 1,
     experts_format: str | None = "nvfp4",
     dense_format: str | None = None,
+    prefill_chunk: int = PREFILL_CHUNK_TOKENS,
+    cuda_context: int = CUDA_CONTEXT_BYTES,
 ) -> MemoryPlan:
-    """Memory plan for serving `config` with `context` tokens of KV cache and `batch` canvas rows."""
-    if context <= 0 or batch <= 0:
-        raise ValueError("context and batch must be positive")
-    model = meta_model(config)
-    terms = activation_terms(config, context, batch)
-    kv = kv_cache_bytes(config, context, batch=1)  # candidates of one request share the prompt's cache
+    """Memory plan for serving `config` with `context` tokens of KV cache and `batch` canvas rows;
+    `prefill_chunk` prompt tokens per encoder pass (0: the whole prompt in one pass)."""
+    if context <= 0 or batch <= 0 or prefill_chunk < 0:
+        raise ValueError("context and batch must be positive, prefill_chunk not negative")
+    canvas = config.canvas_length or 256
     return MemoryPlan(
-        vram=vram, context=context, canvas=config.canvas_length or 256, batch=batch,
+        vram=vram, context=context, canvas=canvas, batch=batch,
+        prefill_chunk=min(prefill_chunk or context, context),
         experts_format=experts_format, dense_format=dense_format,
-        weights=weight_bytes(model, experts_format, dense_format),
-        kv_cache=sum(kv.values()), kv_detail=kv,
-        activations=max(sum(p.values()) for p in terms.values()), activation_terms=terms,
+        weights=weight_bytes(meta_model(config), experts_format, dense_format),
+        kv_detail=kv_cache_bytes(config, context, last_pass=canvas),
+        passes=pass_terms(config, context, batch, prefill_chunk),
+        cuda_context=cuda_context, prefix_cache_host=default_budget(torch.device("cuda")),
     )
 
 
@@ -207,20 +286,25 @@ def plan_for_checkpoint(path: str, vram: int = 0, context: int = 8192, batch: in
 
 def format_plan(p: MemoryPlan) -> str:
     gib = lambda n: f"{n / GIB:8.2f} GiB"  # noqa: E731
-    fmt = p.experts_format or "bf16"
-    lines = [f"weights (experts {fmt}, dense {p.dense_format or 'bf16'}, vision tower excluded)"]
+    lines = [f"weights (experts {p.experts_format or 'bf16'}, dense {p.dense_format or 'bf16'}, "
+             "vision tower excluded)"]
     for name, n in sorted(p.weights.items(), key=lambda kv: -kv[1]):
-        lines.append(f"  {name:<28}{gib(n)}")
-    lines.append(f"  {'total':<28}{gib(p.weights_total)}")
-    lines.append(f"kv cache at {p.context} tokens (bf16)")
+        lines.append(f"  {name:<44}{gib(n)}")
+    lines.append(f"  {'total':<44}{gib(p.weights_total)}")
+    lines.append(f"kv cache at {p.context} tokens while decoding (bf16)")
     for kind, n in p.kv_detail.items():
-        lines.append(f"  {kind:<28}{gib(n)}")
-    peak = max(p.activation_terms, key=lambda k: sum(p.activation_terms[k].values()))
-    lines.append(f"activations (peak: {peak.replace('_', ' ')}, canvas {p.canvas} x {p.batch} rows)")
-    for kind, terms in p.activation_terms.items():
-        lines.append(f"  {kind:<28}{gib(sum(terms.values()))}")
-    lines.append(f"total{'':<25}{gib(p.total)}  of {p.vram / GIB:.2f} GiB")
+        lines.append(f"  {kind:<44}{gib(n)}")
+    lines.append(f"peak of each pass besides the weights (canvas {p.canvas} x {p.batch} rows, "
+                 f"prefill in {p.prefill_chunk}-token chunks)")
+    for name, terms in p.passes.items():
+        mark = "  <- peak" if name == p.peak_pass else ""
+        lines.append(f"  {name.replace('_', ' '):<44}{gib(sum(terms.values()))}{mark}")
+        for term, n in terms.items():
+            lines.append(f"    {term:<42}{gib(n)}")
+    lines.append(f"prefix cache: in host memory ({p.prefix_cache_host / GIB:.2f} GiB budget), none on the GPU")
+    lines.append(f"total{'':<41}{gib(p.total)}  of {p.vram / GIB:.2f} GiB")
     verdict = "fits" if p.fits else "does NOT fit"
-    lines.append(f"{verdict}: headroom {(p.vram - p.total) / GIB:.2f} GiB "
-                 f"(CUDA context and allocator slack not included)")
+    lines.append(f"{verdict}: headroom {(p.vram - p.total) / GIB:.2f} GiB for allocator fragmentation. "
+                 f"Not in the total: the CUDA context (~{p.cuda_context / GIB:.2f} GiB, driver dependent), "
+                 f"so the GPU needs ~{p.gpu_total / GIB:.2f} GiB free before the daemon starts.")
     return "\n".join(lines)

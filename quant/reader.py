@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -11,6 +13,7 @@ from safetensors import safe_open
 DGEMMA = "dgemma"
 MODELOPT = "modelopt"
 COMPRESSED_TENSORS = "compressed-tensors"
+_FLOAT_TAGS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 class CheckpointError(ValueError):
@@ -73,8 +76,22 @@ class TensorStore:
     def keys(self) -> list[str]:
         return list(self._where)
 
-    def get(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         f = self._where[name]
         if f not in self._handles:
             self._handles[f] = safe_open(str(f), "pt")
-        return self._handles[f].get_tensor(name)
+        return self._handles[f]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def floating_dtype(self) -> torch.dtype:
+        """The dtype that holds most of the checkpoint's floating-point elements (headers only)."""
+        elements: Counter[str] = Counter()
+        for name in self._where:
+            info = self._handle(name).get_slice(name)
+            if info.get_dtype() in _FLOAT_TAGS:
+                elements[info.get_dtype()] += math.prod(info.get_shape())
+        if not elements:
+            raise CheckpointError("the checkpoint holds no bf16, fp16 or fp32 tensors")
+        return _FLOAT_TAGS[elements.most_common(1)[0][0]]

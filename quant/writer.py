@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from dgemma.quant.layouts import write_experts, write_linear, write_packed
 from dgemma.quant.modules import QuantizedExperts, QuantLinear
@@ -101,11 +102,12 @@ def _quant_config(model: nn.Module, layout: str) -> dict:
 
 def save_quantized(
     model: nn.Module, dst: str | Path, layout: str = DGEMMA, shard_bytes: int = SHARD_BYTES,
-    fused_experts: bool = False,
+    fused_experts: bool = False, progress: bool = False,
 ) -> Path:
     """Write config.json (with quantization_config) and safetensors shards to `dst`.
 
-    `fused_experts` (ModelOpt only) writes experts as 3-D tensors instead of one Linear each."""
+    `fused_experts` (ModelOpt only) writes experts as 3-D tensors instead of one Linear each;
+    `progress` shows the bytes written."""
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     tensors = checkpoint_tensors(model, layout, fused_experts)
@@ -117,11 +119,11 @@ def save_quantized(
               "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16,
                                "exclude_modules": ["lm_head", "*router*"]}}
         (dst / "hf_quant_config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    _write_shards(tensors, dst, shard_bytes)
+    _write_shards(tensors, dst, shard_bytes, progress)
     return dst
 
 
-def _write_shards(tensors: dict[str, torch.Tensor], dst: Path, shard_bytes: int) -> None:
+def _write_shards(tensors: dict[str, torch.Tensor], dst: Path, shard_bytes: int, progress: bool) -> None:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(tensors):
@@ -132,14 +134,14 @@ def _write_shards(tensors: dict[str, torch.Tensor], dst: Path, shard_bytes: int)
             size = 0
         shards[-1][name] = t
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(dst / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(dst / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in shard})
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-             "weight_map": weight_map}
-    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    with tqdm(total=total, desc="writing", unit="B", unit_scale=True, disable=not progress) as bar:
+        for fname, shard in zip(names, shards):
+            save_file(shard, str(dst / fname), metadata={"format": "pt"})
+            bar.update(sum(t.numel() * t.element_size() for t in shard.values()))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {n: fname for fname, shard in zip(names, shards) for n in shard}}
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -31,14 +31,24 @@ def test_moe_align_groups_rows_by_expert_with_padding():
     assert real == [i for i, e in enumerate(flat.tolist()) if e < 4]
 
 
-def test_dispatch_uses_the_reference_off_cuda(monkeypatch):
-    monkeypatch.delenv("DGEMMA_KERNELS", raising=False)
-    x = torch.randn(4, 64)
-    assert not use_triton(x)
-    monkeypatch.setenv("DGEMMA_KERNELS", "torch")
-    assert not use_triton(x)
-    w = quantize(torch.randn(32, 64), "nvfp4")
-    torch.testing.assert_close(w4a16_matmul(x, w), w4a16_matmul_ref(x, w))
+@pytest.mark.parametrize("mode,triton", [(None, False), ("auto", False), ("", False), ("torch", False),
+                                          ("Torch", False), ("triton", True)])
+def test_dispatch_follows_dgemma_kernels(monkeypatch, mode, triton):
+    if mode is None:
+        monkeypatch.delenv("DGEMMA_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("DGEMMA_KERNELS", mode)
+    x = torch.randn(4, 64)  # on CPU: auto means the reference
+    assert use_triton(x) is triton
+    if not triton:
+        w = quantize(torch.randn(32, 64), "nvfp4")
+        assert torch.equal(w4a16_matmul(x, w), w4a16_matmul_ref(x, w))
+
+
+def test_unknown_dgemma_kernels_is_an_error(monkeypatch):
+    monkeypatch.setenv("DGEMMA_KERNELS", "cuda")
+    with pytest.raises(ValueError, match=r"DGEMMA_KERNELS='cuda' is not one of auto, torch, triton"):
+        w4a16_matmul(torch.randn(4, 64), quantize(torch.randn(32, 64), "nvfp4"))
 
 
 def test_moe_dispatch_off_cuda_is_the_reference():

@@ -136,18 +136,65 @@ def test_incomplete_checkpoint_is_an_error(model, tmp_path):
         _load(tmp_path)
 
 
-def test_cli_quantize_writes_a_loadable_checkpoint(bf16_dir, model, tmp_path):
+def _cli():
     app = typer.Typer()
     register(app)
     app.command("noop")(lambda: None)  # a second command keeps typer in multi-command mode
-    runner = CliRunner()
+    return app, CliRunner()
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("a pre-quantized checkpoint was quantized again while loading")
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "nf4"])
+def test_cli_quantize_writes_a_loadable_checkpoint(bf16_dir, tmp_path, monkeypatch, fmt):
+    loading = pytest.importorskip("dgemma.daemon.loading")
+    if fmt == "nf4":
+        pytest.importorskip("bitsandbytes")
+    if not (bf16_dir / "tokenizer.json").exists():
+        pytest.skip("no bundled tokenizer to build a loadable checkpoint with")
+    app, runner = _cli()
     out = tmp_path / "q"
-    res = runner.invoke(app, ["quantize", str(bf16_dir), str(out), "--format", "nvfp4"])
+    res = runner.invoke(app, ["quantize", str(bf16_dir), str(out), "--format", fmt])
     assert res.exit_code == 0, res.output
     assert (out / "tokenizer.json").exists() and is_quantized_checkpoint(out)
-    assert isinstance(_load(out).model.decoder.layers[1].experts, QuantizedExperts)
-    res = runner.invoke(app, ["quantize", str(bf16_dir), str(out), "--format", "int3"])
-    assert res.exit_code == 1 and "dgemma: --format" in res.output
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # --dtype auto keeps the source's fp32
+        assert f.get_slice("model.decoder.embed_tokens.weight").get_dtype() == "F32"
+    expected = loading.load_model(str(bf16_dir), device="cpu", quantize=fmt).model
+    for target in ("dgemma.quant.checkpoint.quantize_weight", "dgemma.quant.checkpoint.linear_to_nf4",
+                   "dgemma.quant.apply.linear_to_nf4", "dgemma.quant.formats.quantize",
+                   "dgemma.quant.modules.quantize", "bitsandbytes.functional.quantize_4bit"):
+        monkeypatch.setattr(target, _refuse)
+    loaded = loading.load_model(str(out), device="cpu").model
+    experts = loaded.model.decoder.layers[1].experts
+    assert isinstance(experts, QuantizedExperts) and experts.gate_up_q.fmt == fmt
+    if fmt == "nf4":  # NF4 experts bring bitsandbytes NF4 dense layers (--dense auto)
+        assert type(loaded.model.decoder.layers[1].mlp.down_proj).__name__ == "Linear4bit"
+    loaded.train(), expected.train()  # the same bitsandbytes code path on both sides
+    torch.testing.assert_close(_logits(loaded), _logits(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_quantize_dtype_and_errors(bf16_dir, tmp_path):
+    app, runner = _cli()
+    out = tmp_path / "q"
+    res = runner.invoke(app, ["quantize", str(bf16_dir), str(out), "--dtype", "bfloat16"])
+    assert res.exit_code == 0, res.output
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.decoder.embed_tokens.weight").get_dtype() == "BF16"
+    for args, message in [
+        (["--format", "int3"], "dgemma: --format"),
+        (["--dtype", "fp8"], "dgemma: --dtype must be auto, bfloat16, float16, float32"),
+    ]:
+        res = runner.invoke(app, ["quantize", str(bf16_dir), str(tmp_path / "x"), *args])
+        assert res.exit_code == 1 and message in res.output, res.output
+    res = runner.invoke(app, ["quantize", str(bf16_dir), str(out)])
+    assert res.exit_code == 1 and "exists and is not empty" in res.output
+    a_file = tmp_path / "file.safetensors"
+    a_file.write_text("")
+    res = runner.invoke(app, ["quantize", str(bf16_dir), str(a_file)])
+    assert res.exit_code == 1 and res.output.strip() == f"dgemma: {a_file} is a file; give a directory to write " \
+        "the checkpoint to"
 
 
 def test_daemon_loader_uses_the_quantized_path(bf16_dir, model, tmp_path):
