@@ -107,6 +107,7 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
     # The last `stability_threshold` argmax canvases; a row is stable when all equal the new one.
     history: list[torch.Tensor] = []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    last_entropy = torch.zeros(batch, canvas_length, device=device)  # read only once a row has finished
     steps = 0
     for steps_left in range(settings.max_denoising_steps, 0, -1):
         if interrupt is not None:

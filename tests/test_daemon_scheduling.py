@@ -206,7 +206,10 @@ async def test_engine_failures_are_contained(served):
         drafts: list[dict] = []
         res = await c.request("edit", {"prefix": "p", "selection": "s", "suffix": "", "instruction": "i"},
                               on_draft=drafts.append)
-        assert res["completions"][0]["text"] == "PS" and drafts[0]["text"] == "ps:0"
+        # Drafts stream in order; a busy connection may coalesce some (drafts, never results, can drop).
+        assert res["completions"][0]["text"] == "PS"
+        seen = [d["text"] for d in drafts]
+        assert seen and set(seen) <= {"ps:0", "ps:1", "ps:2"} and seen == sorted(seen)
     finally:
         await c.close()
 
