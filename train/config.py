@@ -81,13 +81,15 @@ def model_config(preset: str = "small") -> DiffusionGemmaConfig:
 
 
 def generation_config() -> DiffusionGemmaGenerationConfig:
-    """Defaults for a small code model on a CPU: few steps, cooler sampling than the 26B."""
+    """Defaults for a small code model on a CPU, picked by train/tune_sampler.py on the validation
+    files: cooler sampling than the 26B and a tight entropy bound, so few tokens are accepted per
+    step (a weak model's parallel guesses disagree with each other)."""
     return DiffusionGemmaGenerationConfig(
         max_new_tokens=CANVAS_LENGTH,
-        max_denoising_steps=16,
-        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.5),
-        t_max=0.6,
-        t_min=0.2,
+        max_denoising_steps=24,
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.2),
+        t_max=0.4,
+        t_min=0.1,
         stability_threshold=2,
         confidence_threshold=0.01,
         bos_token_id=BOS_ID,

@@ -17,15 +17,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+# (steps, t_max, t_min, entropy_bound, stability_threshold, confidence_threshold). The rows with
+# small bounds accept fewer tokens per step: a weak model's parallel guesses disagree with each other.
+_GRID = [
+    (16, 0.6, 0.2, 0.5, 2, 0.01),
+    (16, 0.4, 0.1, 1.0, 2, 0.01),
+    (24, 0.6, 0.2, 0.3, 2, 0.01),
+    (12, 0.3, 0.05, 2.0, 1, 0.02),
+    (24, 0.4, 0.1, 0.2, 2, 0.01),
+    (32, 0.3, 0.05, 0.1, 2, 0.01),
+    (32, 0.6, 0.2, 0.3, 2, 0.01),
+]
 CANDIDATES = {
-    "steps16_t0.6-0.2_b0.5": dict(max_denoising_steps=16, t_max=0.6, t_min=0.2, entropy_bound=0.5,
-                                  stability_threshold=2, confidence_threshold=0.01),
-    "steps16_t0.4-0.1_b1.0": dict(max_denoising_steps=16, t_max=0.4, t_min=0.1, entropy_bound=1.0,
-                                  stability_threshold=2, confidence_threshold=0.01),
-    "steps24_t0.6-0.2_b0.3": dict(max_denoising_steps=24, t_max=0.6, t_min=0.2, entropy_bound=0.3,
-                                  stability_threshold=2, confidence_threshold=0.01),
-    "steps12_t0.3-0.05_b2.0": dict(max_denoising_steps=12, t_max=0.3, t_min=0.05, entropy_bound=2.0,
-                                   stability_threshold=1, confidence_threshold=0.02),
+    f"steps{n}_t{hi}-{lo}_b{bound}": dict(max_denoising_steps=n, t_max=hi, t_min=lo, entropy_bound=bound,
+                                          stability_threshold=stab, confidence_threshold=conf)
+    for n, hi, lo, bound, stab, conf in _GRID
 }
 
 
