@@ -101,8 +101,9 @@ class Engine:
         self.pad_id = _single_id(self.tokenizer.pad_token_id, self.text_config.pad_token_id)
         self.bos_token: str = self.tokenizer.bos_token or ""
         self.settings = settings or SamplerSettings.from_generation_config(self.model.generation_config)
-        # Every row of a batch holds a few fp32 (canvas x vocab) tensors while it is sampled: about
-        # 1 GiB per row at 262k vocabulary. Rows beyond the budget are decoded one batch after another.
+        # Every row of a batch holds a few fp32 (canvas x vocab) logits tensors during a step (the
+        # forward's output and softcap, the previous step's self-conditioning logits; sampling itself is
+        # chunked): about 1 GiB per row at 262k vocabulary. Rows beyond the budget wait for the next batch.
         per_row = 4 * self.canvas_length * self.vocab_size * 4
         self.max_rows = max_rows or max(1, (logits_budget_bytes or (1 << 30)) // per_row)
         self.prefix_cache = PrefixCache(default_budget(self.device) if prefix_cache_bytes is None
