@@ -14,6 +14,7 @@ daemon with a tiny random model (see ``slow_env``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -128,13 +129,24 @@ async def wait_ready(client: LanguageClient, timeout: float = 120) -> None:
     raise AssertionError(f"no ready status in {timeout} s: {client.statuses}")  # type: ignore[attr-defined]
 
 
+@contextlib.asynccontextmanager
+async def running_client(env: dict[str, str], options: dict[str, Any] | None = None, inline: bool = True,
+                         ready: bool = True) -> AsyncIterator[LanguageClient]:
+    """A started client (after the daemon reported ready, unless ``ready`` is False), shut down on exit."""
+    client = await start_client(env, options, inline)
+    try:
+        if ready:
+            await wait_ready(client)
+        yield client
+    finally:
+        await client.shutdown_session()
+        await client.stop()
+
+
 @pytest_asyncio.fixture
 async def client(lsp_env: dict[str, str]) -> AsyncIterator[LanguageClient]:
-    c = await start_client(lsp_env)
-    await wait_ready(c)
-    yield c
-    await c.shutdown_session()
-    await c.stop()
+    async with running_client(lsp_env) as c:
+        yield c
 
 
 async def server_status(client: LanguageClient) -> dict[str, Any]:
@@ -160,24 +172,21 @@ async def test_progress_while_the_daemon_starts(tmp_path: Path) -> None:
     # A daemon of its own: the shared one may be up already (other modules use
     # it too), and then there is no start-up to report.
     env = _daemon_env(tmp_path)
-    client = await start_client(env)
     try:
-        await wait_ready(client)
-        # $/progress end may trail the status notification by a moment.
-        for _ in range(100):
-            if any(isinstance(v, t.WorkDoneProgressEnd) for vs in client.progress_reports.values() for v in vs):
-                break
-            await asyncio.sleep(0.05)
-        reports = [v for vs in client.progress_reports.values() for v in vs]
-        assert isinstance(reports[0], t.WorkDoneProgressBegin) and reports[0].title == "dgemma"
-        assert "Starting" in (reports[0].message or "")
-        assert any("Loading" in (getattr(v, "message", "") or "") for v in reports)
-        assert isinstance(reports[-1], t.WorkDoneProgressEnd)
-        assert client.messages == []
-        assert [s.state for s in client.statuses][-1] == "ready"  # type: ignore[attr-defined]
+        async with running_client(env) as client:
+            # $/progress end may trail the status notification by a moment.
+            for _ in range(100):
+                if any(isinstance(v, t.WorkDoneProgressEnd) for vs in client.progress_reports.values() for v in vs):
+                    break
+                await asyncio.sleep(0.05)
+            reports = [v for vs in client.progress_reports.values() for v in vs]
+            assert isinstance(reports[0], t.WorkDoneProgressBegin) and reports[0].title == "dgemma"
+            assert "Starting" in (reports[0].message or "")
+            assert any("Loading" in (getattr(v, "message", "") or "") for v in reports)
+            assert isinstance(reports[-1], t.WorkDoneProgressEnd)
+            assert client.messages == []
+            assert [s.state for s in client.statuses][-1] == "ready"  # type: ignore[attr-defined]
     finally:
-        await client.shutdown_session()
-        await client.stop()
         _stop_daemon(env)
 
 
@@ -225,8 +234,7 @@ async def test_automatic_trigger_mid_word_is_skipped(client: LanguageClient) -> 
 
 
 async def test_completion_fallback_without_inline_support(lsp_env: dict[str, str]) -> None:
-    client = await start_client(lsp_env, inline=False)
-    try:
+    async with running_client(lsp_env, inline=False, ready=False) as client:
         open_doc(client)
         inline = await client.text_document_inline_completion_async(inline_params(1, 11))
         res = await client.text_document_completion_async(t.CompletionParams(
@@ -234,9 +242,6 @@ async def test_completion_fallback_without_inline_support(lsp_env: dict[str, str
             context=t.CompletionContext(trigger_kind=t.CompletionTriggerKind.Invoked)))
         assert res is not None and len(res.items) == 1
         assert res.items[0].text_edit.new_text == inline.items[0].insert_text
-    finally:
-        await client.shutdown_session()
-        await client.stop()
 
 
 async def code_actions(client: LanguageClient, rng: t.Range,
@@ -299,9 +304,7 @@ SLOW = {"maxTokensInvoked": 256, "sampler": {"max_denoising_steps": 48}}
 
 
 async def test_cancel_request_stops_the_daemon_request(slow_env: dict[str, str]) -> None:
-    client = await start_client(slow_env, SLOW)
-    try:
-        await wait_ready(client)
+    async with running_client(slow_env, SLOW) as client:
         open_doc(client)
         fut = asyncio.ensure_future(client.protocol.send_request_async(
             t.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(1, 11), msg_id="slow-1"))
@@ -311,15 +314,10 @@ async def test_cancel_request_stops_the_daemon_request(slow_env: dict[str, str])
             await asyncio.wait_for(fut, 10)
         # The daemon stops between two denoising steps, long before 256 tokens.
         assert await _wait_daemon(slow_env, running=False, timeout=15) < 15
-    finally:
-        await client.shutdown_session()
-        await client.stop()
 
 
 async def test_newer_request_supersedes_the_older(slow_env: dict[str, str]) -> None:
-    client = await start_client(slow_env, SLOW)
-    try:
-        await wait_ready(client)
+    async with running_client(slow_env, SLOW) as client:
         open_doc(client)
         automatic = inline_params(1, 11, t.InlineCompletionTriggerKind.Automatic)
         await client.text_document_inline_completion_async(automatic)  # short: maxTokensAutomatic
@@ -342,15 +340,10 @@ async def test_newer_request_supersedes_the_older(slow_env: dict[str, str]) -> N
         assert await asyncio.wait_for(old, 10) is None
         assert newer is None or newer.items
         assert await _wait_daemon(slow_env, running=False, timeout=15) < 15
-    finally:
-        await client.shutdown_session()
-        await client.stop()
 
 
 async def test_ghost_text_does_not_cancel_a_rewrite(slow_env: dict[str, str]) -> None:
-    client = await start_client(slow_env, SLOW)
-    try:
-        await wait_ready(client)
+    async with running_client(slow_env, SLOW) as client:
         open_doc(client)
         rewrite = asyncio.ensure_future(client.workspace_execute_command_async(t.ExecuteCommandParams(
             command="dgemma.rewrite",
@@ -366,9 +359,6 @@ async def test_ghost_text_does_not_cancel_a_rewrite(slow_env: dict[str, str]) ->
         assert res["applied"] is True, res
         assert queued, "the rewrite ended before the ghost text reached the daemon: nothing was tested"
         await asyncio.wait_for(ghost, 60)
-    finally:
-        await client.shutdown_session()
-        await client.stop()
 
 
 async def _queued_behind(env: dict[str, str], method: str, timeout: float) -> bool:
@@ -387,18 +377,15 @@ async def _queued_behind(env: dict[str, str], method: str, timeout: float) -> bo
 
 async def test_load_failure_is_reported_once(tmp_path: Path) -> None:
     env = _daemon_env(tmp_path, str(tmp_path / "no-such-model"))
-    client = await start_client(env)
     try:
-        await wait_ready(client)
-        open_doc(client)
-        for col in range(4):
-            kind = t.InlineCompletionTriggerKind.Automatic if col % 2 else t.InlineCompletionTriggerKind.Invoked
-            assert await client.text_document_inline_completion_async(inline_params(1, 11, kind)) is None
-        errors = [m for m in client.messages if m.type == t.MessageType.Error]
-        assert len(errors) == 1 and "no-such-model" in errors[0].message
-        states = [s.state for s in client.statuses]  # type: ignore[attr-defined]
-        assert "error" in states
+        async with running_client(env) as client:
+            open_doc(client)
+            for col in range(4):
+                kind = t.InlineCompletionTriggerKind.Automatic if col % 2 else t.InlineCompletionTriggerKind.Invoked
+                assert await client.text_document_inline_completion_async(inline_params(1, 11, kind)) is None
+            errors = [m for m in client.messages if m.type == t.MessageType.Error]
+            assert len(errors) == 1 and "no-such-model" in errors[0].message
+            states = [s.state for s in client.statuses]  # type: ignore[attr-defined]
+            assert "error" in states
     finally:
-        await client.shutdown_session()
-        await client.stop()
         _stop_daemon(env)

@@ -5,6 +5,7 @@ Every example is (encoder head, encoder body, canvas input base, canvas target, 
 * FIM:   encoder = <bos> + tok(prefix); canvas = slots(m) ++ (tok(suffix) + <eos> + <pad>*)[:C-m]
          slot target = (tok(middle) + <eos> + <pad>*)[:m]  (middle[:m] when longer)
 * continuation: FIM with an empty suffix (pinned tail = <eos> <pad> ...)
+* next-token warm-up (lm_batch): <bos> + code from a line start, for the causal encoder alone
 * edit:  encoder = chat_template(instruction) + tok(prefix); slots seeded from a corrupted
          copy of the target (token replacements, a few deletions/duplications); loss on the
          target.
@@ -84,6 +85,13 @@ class ExampleMaker:
             t = self.texts[i]
             self._starts[i] = [0] + [j + 1 for j, ch in enumerate(t) if ch == "\n" and j + 1 < len(t)]
         return self.texts[i], self._starts[i]
+
+    def lm_sequence(self, length: int) -> list[int]:
+        """``<bos>`` and the code from a random line start on, ``length`` tokens in all (shorter at a
+        file's end): what the engine's encoder sees, for the next-token warm-up."""
+        text, starts = self.pick_text()
+        a = self.rng.choice(starts)
+        return ([BOS_ID] + self.enc(text[a:a + length * 8]))[:length]
 
     def pick_m(self) -> int:
         if self.rng.random() < 0.5:
@@ -208,6 +216,14 @@ class Batcher:
         if not self.queue:
             self._fill()
         return self.queue.pop()
+
+
+def lm_batch(maker: ExampleMaker, batch_size: int, length: int) -> torch.Tensor:
+    """(B, L) next-token training rows, cut to the shortest drawn so no padding is needed."""
+    rows = [maker.lm_sequence(length) for _ in range(batch_size)]
+    rows = [r for r in rows if len(r) >= length // 4] or rows
+    n = min(len(r) for r in rows)
+    return torch.tensor([r[:n] for r in rows], dtype=torch.long)
 
 
 def collate(examples: list[Example]) -> dict[str, torch.Tensor]:

@@ -1,8 +1,13 @@
 """Train the small DiffusionGemma code model that dgemma bundles.
 
-    python -m train.train --minutes 70 --out runs/bundled     # what shipped (2 shared CPU cores)
-    python -m train.train --steps 1600 --out runs/bundled     # step-based, fully deterministic
-    python -m train.train --ship runs/bundled/best              # copy into daemon/bundled
+    python -m train.train --minutes 120 --no-bf16 --threads 2 --lm-phase 0.5 --eval-every 200 \
+        --out runs/v3                                          # what shipped (2-core CPU, 2 hours)
+    python -m train.train --steps 3600 --out runs/v3           # step-based, fully deterministic
+    python -m train.train --ship runs/v3/best                  # copy into daemon/bundled
+
+The first --lm-phase of the schedule trains the shared encoder/decoder weights as a causal
+language model on code alone (`lm_loss`): every token of a row is supervised, so the stack
+learns code much faster than from the diffusion loss, which then adapts it to canvases.
 
 The model's own objective (block diffusion with uniform-token noise): the clean prefix
 goes through the encoder (causal, writes the KV cache), the canvas through the decoder;
@@ -36,7 +41,7 @@ from tokenizers import Tokenizer
 
 from train.config import VOCAB_SIZE, generation_config, model_config
 from train.corpus import read_sources, split
-from train.data import Batcher, ExampleMaker, collate
+from train.data import Batcher, ExampleMaker, collate, lm_batch
 from train.quickfill import pinned_onehot_logits, quick_fill
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +86,11 @@ def diffusion_loss(model, batch, gen: torch.Generator, self_condition: bool):
     return loss, acc, next_token_loss(model, out.encoder_last_hidden_state, x)
 
 
+def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token loss of the causal encoder alone over (B, L) code rows: the warm-up phase."""
+    return next_token_loss(model, model.model.encoder(input_ids=ids).last_hidden_state, ids)
+
+
 def make_val_batches(tok, val_sources, n: int, max_prefix: int, seed: int = 1234):
     maker = ExampleMaker(tok, val_sources, max_prefix=max_prefix, seed=seed)
     b = Batcher(maker, batch_size=16, pool_batches=n)
@@ -105,19 +115,21 @@ def make_val_fills(val_sources, n: int = 12, seed: int = 99):
 
 @torch.no_grad()
 def evaluate(model, val_batches, val_fills, tok, seed: int = 0):
+    """(validation diffusion loss, its next-token loss on the encoder pass, line exact match)."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    losses = []
+    losses, ar_losses = [], []
     for vb in val_batches:
-        loss, _, _ = diffusion_loss(model, vb, gen, self_condition=False)
+        loss, _, ar = diffusion_loss(model, vb, gen, self_condition=False)
         losses.append(loss.item())
+        ar_losses.append(ar.item())
     exact = 0
     for prefix, middle, suffix in val_fills:
         m = min(60, max(8, len(tok.encode(middle).ids) + 4))
         got = quick_fill(model, tok, prefix, suffix, m=m, generator=gen)
         exact += got.strip() == middle.strip()
     model.train()
-    return sum(losses) / len(losses), exact / len(val_fills)
+    return sum(losses) / len(losses), sum(ar_losses) / len(ar_losses), exact / len(val_fills)
 
 
 def save_checkpoint(model, path: Path, meta: dict) -> None:
@@ -162,6 +174,9 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--ar-weight", type=float, default=0.5,
                     help="weight of the next-token loss on the causal encoder pass (0: diffusion only)")
+    ap.add_argument("--lm-phase", type=float, default=0.5,
+                    help="fraction of the schedule spent first on next-token prediction alone (0: none)")
+    ap.add_argument("--lm-length", type=int, default=256, help="tokens per row in the next-token phase")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bundled")
@@ -232,17 +247,26 @@ def main(argv=None) -> None:
     for step in range(total_steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        batch = collate(batcher.next_examples())
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss, acc, ar_loss = diffusion_loss(model, batch, gen, self_condition=sc_rng.random() < 0.5)
+        warm_up = progress(step) < args.lm_phase
+        if warm_up:
+            ids = lm_batch(maker, args.batch_size, args.lm_length)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                ar_loss = lm_loss(model, ids)
+            loss = acc = torch.zeros(())
+            total, ntok = ar_loss, ntok + ids.numel()
+        else:
+            batch = collate(batcher.next_examples())
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                loss, acc, ar_loss = diffusion_loss(model, batch, gen, self_condition=sc_rng.random() < 0.5)
+            total = loss + args.ar_weight * ar_loss
+            ntok += batch["input_ids"].numel() + batch["target"].numel()
         opt.zero_grad(set_to_none=True)
-        (loss + args.ar_weight * ar_loss).backward()
+        total.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         run_loss += loss.item()
         run_acc += acc.item()
         run_ar += ar_loss.item()
-        ntok += batch["input_ids"].numel() + batch["target"].numel()
         if (step + 1) % 25 == 0:
             el = time.time() - t0
             log(f"step {step + 1} loss {run_loss / 25:.3f} acc {run_acc / 25:.3f} next-token {run_ar / 25:.3f} "
@@ -251,18 +275,19 @@ def main(argv=None) -> None:
         stop = args.stop_file is not None and args.stop_file.exists()
         stop = stop or (args.minutes and progress(step) >= 1.0)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps or stop:
-            vloss, vexact = evaluate(model, val_batches, val_fills, tok)
-            meta = {"step": step + 1, "val_loss": vloss, "val_line_exact": vexact,
+            vloss, vnext, vexact = evaluate(model, val_batches, val_fills, tok)
+            meta = {"step": step + 1, "val_loss": vloss, "val_next_token_loss": vnext, "val_line_exact": vexact,
                     "train_seconds": round(time.time() - t0), "params": n_params,
                     "args": {k: str(v) for k, v in vars(args).items()},
                     "torch": torch.__version__, "python": sys.version.split()[0]}
             save_checkpoint(model, args.out / "latest", meta)
-            if vloss < best:
+            if vloss < best and not warm_up:  # the diffusion loss means little before that phase
                 best = vloss
                 if (args.out / "best").exists():
                     shutil.rmtree(args.out / "best")
                 shutil.copytree(args.out / "latest", args.out / "best")
-            log(f"eval step {step + 1}: val loss {vloss:.3f} (best {best:.3f}) line exact {vexact:.3f}")
+            log(f"eval step {step + 1}: val loss {vloss:.3f} (best {best:.3f}) next-token {vnext:.3f} "
+                f"line exact {vexact:.3f}{' (next-token phase)' if warm_up else ''}")
         if stop:
             log("time budget spent or stop file found: stopping")
             break

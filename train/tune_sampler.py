@@ -27,6 +27,10 @@ _GRID = [
     (24, 0.4, 0.1, 0.2, 2, 0.01),
     (32, 0.3, 0.05, 0.1, 2, 0.01),
     (32, 0.6, 0.2, 0.3, 2, 0.01),
+    (48, 0.4, 0.1, 0.1, 2, 0.01),
+    (48, 0.2, 0.02, 0.2, 2, 0.01),
+    (12, 0.2, 0.02, 2.0, 1, 0.02),
+    (8, 0.2, 0.02, 4.0, 1, 0.02),
 ]
 CANDIDATES = {
     f"steps{n}_t{hi}-{lo}_b{bound}": dict(max_denoising_steps=n, t_max=hi, t_min=lo, entropy_bound=bound,
@@ -61,7 +65,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
     from infill_eval import edit_similarity, window
 
     from dgemma.daemon.engine import Engine

@@ -1,0 +1,72 @@
+"""The bundled model's training recipe: example layouts match the engine's canvases, and a short
+run of the real training loop (both phases) writes a checkpoint dgemma's loader serves."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+BUNDLED = Path(__file__).resolve().parent.parent / "daemon" / "bundled"
+
+
+@pytest.fixture(scope="module")
+def maker():
+    from tokenizers import Tokenizer
+
+    from train.corpus import read_sources, split
+    from train.data import ExampleMaker
+
+    train_src, _ = split(read_sources())
+    return ExampleMaker(Tokenizer.from_file(str(BUNDLED / "tokenizer.json")), train_src[:40], seed=3)
+
+
+def test_fim_and_edit_examples_use_the_engine_layout(maker):
+    from dgemma.daemon.canvas import pinned_tail
+    from train.config import BOS_ID, CANVAS_LENGTH, EOS_ID, PAD_ID
+
+    for kind in ("fim", "cont", "edit") * 20:
+        ex = maker.make(kind)
+        m = ex.pinned.index(True)
+        assert ex.pinned == [False] * m + [True] * (CANVAS_LENGTH - m)
+        assert len(ex.target) == len(ex.base) == CANVAS_LENGTH
+        # The tail is what the engine pins: suffix head, then <eos> and <pad>.
+        tail = ex.target[m:]
+        cut = tail.index(EOS_ID) if EOS_ID in tail else len(tail)
+        assert tail == pinned_tail(tail[:cut], CANVAS_LENGTH - m, EOS_ID, PAD_ID)
+        if EOS_ID in ex.target[:m]:
+            end = ex.target.index(EOS_ID)
+            assert set(ex.target[end + 1:m]) <= {PAD_ID}
+        if kind == "edit":
+            assert ex.head[:2] == [BOS_ID, 3]  # <bos><start_of_turn>
+        else:
+            assert ex.head == [BOS_ID] and ex.base == ex.target
+            assert kind != "cont" or tail[0] == EOS_ID
+
+
+def test_next_token_rows_start_at_a_line(maker):
+    from train.config import BOS_ID
+    from train.data import lm_batch
+
+    ids = lm_batch(maker, 8, 64)
+    assert 1 <= ids.shape[0] <= 8 and 16 <= ids.shape[1] <= 64  # rows near a file end are dropped
+    assert (ids[:, 0] == BOS_ID).all() and (ids[:, 1:] != BOS_ID).all()
+    for row in ids.tolist():
+        text = maker.tok.decode(row[1:])
+        assert any(("\n" + text) in ("\n" + t) for t in maker.texts), text[:80]
+
+
+def test_short_run_writes_a_servable_checkpoint(tmp_path):
+    from dgemma.daemon.engine import Engine
+    from dgemma.daemon.loading import load_model
+    from train import train
+
+    train.main(["--preset", "tiny", "--steps", "4", "--eval-every", "2", "--lm-phase", "0.5", "--lm-length", "64",
+                "--batch-size", "4", "--no-bf16", "--threads", "1", "--out", str(tmp_path)])
+    state = json.loads((tmp_path / "best" / "train_state.json").read_text())
+    assert state["step"] == 4  # the step-2 checkpoint was in the next-token phase: never "best"
+    assert math.isfinite(state["val_loss"]) and math.isfinite(state["val_next_token_loss"])
+    engine = Engine(load_model(str(tmp_path / "best"), device="cpu"))
+    result = engine.fill("def add(a, b):\n", "\n", max_tokens=8, seed=0)
+    assert result.completions and result.canvases >= 1
