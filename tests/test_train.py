@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-BUNDLED = Path(__file__).resolve().parent.parent / "daemon" / "bundled"
+from dgemma.daemon.loading import BUNDLED_MODEL_DIR
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +18,7 @@ def maker():
     from train.data import ExampleMaker
 
     train_src, _ = split(read_sources())
-    return ExampleMaker(Tokenizer.from_file(str(BUNDLED / "tokenizer.json")), train_src[:40], seed=3)
+    return ExampleMaker(Tokenizer.from_file(str(BUNDLED_MODEL_DIR / "tokenizer.json")), train_src[:40], seed=3)
 
 
 def test_fim_and_edit_examples_use_the_engine_layout(maker):

@@ -252,8 +252,9 @@ def main(argv=None) -> None:
             ids = lm_batch(maker, args.batch_size, args.lm_length)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 ar_loss = lm_loss(model, ids)
-            loss = acc = torch.zeros(())
-            total, ntok = ar_loss, ntok + ids.numel()
+            loss = acc = torch.zeros(())  # no diffusion pass: logged as 0
+            total = ar_loss
+            ntok += ids.numel()
         else:
             batch = collate(batcher.next_examples())
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
