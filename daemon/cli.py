@@ -337,6 +337,8 @@ def status(json_out: bool = typer.Option(False, "--json", help="Machine-readable
         ("clients", st["clients"]), ("served", st["requests_served"]),
         ("uptime", f"{st['uptime_s']:.0f} s"), ("config", st["config_path"]),
     ]
+    if st.get("loading"):
+        rows.append(("loading", f"{st['loading']} (the model above answers until it is ready)"))
     if st.get("load_error"):
         rows.append(("error", st["load_error"]))
     if st.get("config_error"):

@@ -169,9 +169,11 @@ class Config:
 
 
 _TOP = {"model", "device", "dtype", "quantization", "sampler", "limits"}
-# The names dgemma.daemon.loading and dgemma.quant accept, spelled out here because both
-# import torch and the config is read on paths that must start fast (a test keeps them in step).
-DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
+# Names, not torch dtypes: the config is read on paths that must start fast, without torch.
+# dgemma.daemon.loading resolves them; dgemma.quant's formats are kept in step by a test.
+DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+               "fp32": "float32", "float32": "float32"}
+DTYPES = ("auto", *DTYPE_NAMES)
 QUANTIZATIONS = ("nvfp4", "nf4")
 
 

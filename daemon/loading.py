@@ -15,14 +15,13 @@ from transformers import AutoConfig, AutoTokenizer, DiffusionGemmaConfig, Diffus
 
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
 
+from dgemma.daemon.config import DTYPE_NAMES
 from dgemma.daemon.errors import DgemmaError
 from dgemma.quant import checkpoint as quant_checkpoint
 from dgemma.quant.meta import meta_model
 
 BUNDLED_MODEL_DIR = Path(__file__).parent / "bundled"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
 
 @dataclass
@@ -71,7 +70,8 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    resolved = dtype if isinstance(dtype, torch.dtype) else _DTYPES.get(str(dtype))
+    name = DTYPE_NAMES.get(str(dtype))
+    resolved = dtype if isinstance(dtype, torch.dtype) else getattr(torch, name) if name else None
     if resolved is None:
         raise DgemmaError("invalid_params", f"Unknown dtype '{dtype}'; use one of bf16, fp16, fp32.")
     if device.type == "cpu" and resolved == torch.float16:

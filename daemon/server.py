@@ -3,7 +3,9 @@
 Threads: the asyncio loop owns every socket and all connection state; the worker thread
 owns the engine (which is not thread-safe). They meet in the Scheduler (a lock and a
 condition variable) and through loop.call_soon_threadsafe for replies. The worker never
-waits on a client, so a slow or vanished client cannot stall anyone else.
+waits on a client, so a slow or vanished client cannot stall anyone else. A model reload
+builds the new engine on a short-lived loader thread, which touches no server state: it
+hands the engine to the worker as a control step.
 """
 from __future__ import annotations
 
@@ -76,6 +78,8 @@ class Server:
         self.state = "loading"
         self.load_error: DgemmaError | None = None
         self.loads = 0  # successful model loads, so `reload` can tell whether one happened
+        self.loading: str | None = None  # the model loading beside the one in service
+        self._after_load: list[Callable[[], None]] = []  # config steps waiting for that load
         self.started = time.time()
         self.served = 0
         self.served_by_method: collections.Counter[str] = collections.Counter()
@@ -103,24 +107,62 @@ class Server:
         return config.model
 
     def _load(self, config: Config) -> bool:
-        """Worker thread: load the model `config` asks for; returns whether it loaded. The
-        engine in service keeps serving until the new one is ready and stays when the load
-        fails (load_error says why). With no engine to fall back on, the daemon stays up in
-        state `error`, answering fill/edit with the load error, so `dgemma status` can say
-        what went wrong."""
+        """Worker thread, with no engine in service (at start-up, after a failed first load, or
+        once the old model was given up to make room): load the model `config` asks for while
+        requests wait; returns whether it loaded. When it does not, the daemon stays up in state
+        `error`, answering fill/edit with the load error, so `dgemma status` can say what went
+        wrong."""
         spec = self._model_spec(config)
         self.state = "loading"
         t0 = time.monotonic()
         log.info("loading model %s", spec or "(bundled)")
-        error: DgemmaError | None = None
         try:
-            engine = self._build_engine(config, spec)
-        except DgemmaError as exc:
-            error = exc
+            engine, failure = self._build_engine(config, spec), None
         except Exception as exc:
-            log.error("model load failed:\n%s", traceback.format_exc())
-            error = DgemmaError("model_missing", f"cannot load the model: {type(exc).__name__}: {exc}")
-        if error is not None:
+            engine, failure = None, exc
+        return self._install(spec, engine, failure, t0)
+
+    def _load_beside(self, config: Config, done: Callable[[bool], None]) -> None:
+        """Worker thread: load `config`'s model on a thread of its own while the engine in service
+        goes on serving; between two requests the worker swaps it in, then calls done(loaded).
+        A model too big to sit beside the old one is loaded again by `_load`, which gives the
+        old one up first."""
+        spec = self._model_spec(config)
+        self.loading = spec or "(bundled)"
+        t0 = time.monotonic()
+        log.info("loading model %s while %s serves", self.loading, self.model_name)
+
+        def build() -> None:
+            try:
+                engine, failure = self._build_engine(config, spec), None
+            except Exception as exc:
+                engine, failure = None, exc
+            self.scheduler.control(lambda: install(engine, failure))
+
+        def install(engine: Any, failure: Exception | None) -> None:
+            self.loading = None
+            if _is_oom(failure):  # two models rarely fit on one GPU
+                self._give_up_engine()
+                ok = self._load(config)
+            else:
+                ok = self._install(spec, engine, failure, t0)
+            try:
+                done(ok)
+            finally:
+                waiting, self._after_load = self._after_load, []
+                for step in waiting:
+                    step()
+
+        threading.Thread(target=build, name="dgemma-load", daemon=True).start()
+
+    def _install(self, spec: str | None, engine: Any, failure: Exception | None, t0: float) -> bool:
+        """Worker thread: put a freshly built engine in service, or record why it was not built."""
+        if failure is not None:
+            if isinstance(failure, DgemmaError):
+                error = failure
+            else:
+                log.error("model load failed:\n%s", "".join(traceback.format_exception(failure)))
+                error = DgemmaError("model_missing", f"cannot load the model: {type(failure).__name__}: {failure}")
             self.load_error = error
             if self.engine is None:
                 self.model_spec, self.state = spec, "error"
@@ -129,6 +171,7 @@ class Server:
                 self.state = "ready"
                 log.error("cannot load the model, %s keeps serving: %s", self.model_name, error.message)
             return False
+        replaced = self.engine is not None
         self.engine = engine
         self.model_spec = spec
         loaded = getattr(engine, "loaded", None) or getattr(engine, "model", None)
@@ -137,23 +180,22 @@ class Server:
         self.load_error = None
         self.loads += 1
         self.state = "ready"
+        if replaced:  # hand the old model's memory back now, not at some later collection
+            gc.collect()
+            _empty_cuda_cache()
         log.info("model %s ready on %s in %.1f s", self.model_name, self.device_name, time.monotonic() - t0)
         return True
 
     def _build_engine(self, config: Config, spec: str | None) -> Any:
-        device = self.cli_device or config.device
-        try:
-            return self.engine_factory(config, spec, device)
-        except Exception as exc:
-            if self.engine is None or not _is_oom(exc):
-                raise
-        # Two models rarely fit on one GPU: give up the one in service and try once more.
+        return self.engine_factory(config, spec, self.cli_device or config.device)
+
+    def _give_up_engine(self) -> None:
+        """Worker thread: unload the engine in service, for a new model that does not fit beside it."""
         log.warning("the new model does not fit next to %s; unloading that one first", self.model_name)
         self.engine = None
         self.model_name = self.device_name = None
         gc.collect()
         _empty_cuda_cache()
-        return self.engine_factory(config, spec, device)
 
     def _worker_main(self) -> None:
         self._load(self.config)
@@ -380,7 +422,7 @@ class Server:
             "socket": f"tcp://127.0.0.1:{self.port}" if self.port is not None else str(self.socket),
             "transport": self.transport, "state": self.state,
             "model": self.model_name, "model_spec": self.model_spec, "device": self.device_name,
-            "load_error": self.load_error.message if self.load_error else None,
+            "loading": self.loading, "load_error": self.load_error.message if self.load_error else None,
             "vram": _vram(), "queue_depth": self.scheduler.depth(),
             "running": None if running is None else {"method": running.method, "client": running.conn.cid},
             "clients": len(self.connections), "requests_served": self.served,
@@ -443,15 +485,15 @@ class Server:
             raise DgemmaError(exc.code, f"config not reloaded, the previous one stays: {exc.message}") from None
         loads = self.loads
 
-        def step() -> None:
-            # A load the watcher queued for this same file ran before this step and counts:
-            # `reload_model` never loads the model twice.
-            self._switch_config(new, force_model=force and self.loads == loads)
+        def reply() -> None:
             error = self.apply_error or (self.load_error.message if self.load_error else None)
             self._call_soon(conn.send, proto.result(rid, {
                 "reloaded": self.config == new, "model_reloaded": self.loads > loads, "model": self.model_name,
                 "model_spec": self.model_spec, "state": self.state, "error": error}))
-        self.scheduler.control(step)
+
+        # A load the watcher queued for this same file ran before this step and counts:
+        # `reload_model` never loads the model twice.
+        self._config_step(lambda: self._switch_config(new, force_model=force and self.loads == loads, then=reply))
 
     def _m_shutdown(self, conn: Connection, rid: Any, params: dict[str, Any]) -> dict[str, Any]:
         assert self._loop is not None
@@ -461,22 +503,43 @@ class Server:
     # -- config ---------------------------------------------------------------------------
 
     def _config_changed(self, old: Config, new: Config) -> None:
-        self.scheduler.control(lambda: self._switch_config(new))
+        self._config_step(lambda: self._switch_config(new))
 
-    def _switch_config(self, new: Config, force_model: bool = False) -> None:
+    def _config_step(self, step: Callable[[], None]) -> None:
+        """Run `step` on the worker thread between requests, after any model load in flight:
+        a config decides against the model actually in force, and loads never overlap."""
+        def run() -> None:
+            if self.loading:
+                self._after_load.append(run)
+            else:
+                step()
+        self.scheduler.control(run)
+
+    def _switch_config(self, new: Config, force_model: bool = False, then: Callable[[], None] | None = None) -> None:
         """Worker thread, between requests: put `new` in force, loading its model first when
-        the model settings changed (or `force_model`). When that model does not load, the
-        previous config and engine stay in force and config_error says why."""
+        the model settings changed (or `force_model`), then call `then`. The engine in service
+        keeps serving while the new model loads. When that model does not load, the previous
+        config and engine stay in force and config_error says why."""
         model_changed = new.model_identity() != self.config.model_identity()
-        if force_model or model_changed:
-            if not self._load(new) and model_changed:
+
+        def commit(loaded: bool) -> None:
+            if not loaded and model_changed:
                 assert self.load_error is not None
                 self.apply_error = f"the model it names did not load: {self.load_error.message}"
-                return
+            else:
+                self.config = new
+                self.apply_error = None
+            if then is not None:
+                then()
+
+        if not (force_model or model_changed):
+            if self.engine is not None:
+                self.load_error = None  # an earlier failed model change is moot: this config's model serves
+            commit(True)
         elif self.engine is not None:
-            self.load_error = None  # an earlier failed model change is moot: this config's model serves
-        self.config = new
-        self.apply_error = None
+            self._load_beside(new, commit)
+        else:
+            commit(self._load(new))
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -363,6 +363,60 @@ async def test_model_that_does_not_load_leaves_the_previous_one_serving():
         shutil.rmtree(root, ignore_errors=True)
 
 
+async def test_requests_are_served_while_a_new_model_loads():
+    """Loading a large checkpoint takes minutes: the model in service answers meanwhile, the new
+    one takes over between two requests, and a config change that arrives during the load
+    waits for it rather than loading a third model beside the two."""
+    root = short_tmp("dgs-")
+    cfg_file = root / "cfg" / "config.toml"
+    cfg_file.parent.mkdir(parents=True)
+    release = threading.Event()
+    lock = threading.Lock()
+    built: list[str | None] = []
+    inflight = [0, 0]  # now, most at once
+
+    def factory(config, spec, device):
+        with lock:
+            inflight[0] += 1
+            inflight[1] = max(inflight)
+        try:
+            if spec == "/slow":
+                assert release.wait(30)
+            built.append(spec)
+            return FakeEngine(spec or "fake")
+        finally:
+            with lock:
+                inflight[0] -= 1
+
+    server = Server(Config(), socket=root / "run" / "d.sock", config_file=cfg_file, engine_factory=factory)
+    await server.start()
+    c = await _client(server.socket)
+    try:
+        cfg_file.write_text('model = "/slow"\n')
+        first = asyncio.create_task(c.request("reload"))
+        await _wait(lambda: server.loading == "/slow")
+        assert (await c.request("fill", {"prefix": "x"}))["model"] == "fake"
+        st = await c.request("status")
+        assert st["state"] == "ready" and st["model"] == "fake" and st["loading"] == "/slow"
+        cfg_file.write_text('model = "/next"\n')
+        second = asyncio.create_task(c.request("reload"))
+        assert (await c.request("fill", {"prefix": "y"}))["model"] == "fake"
+        assert not first.done() and not second.done() and built == [None]
+        release.set()
+        res = await first
+        assert res["model_reloaded"] and res["model"] == "/slow" and res["error"] is None
+        res = await second
+        assert res["model_reloaded"] and res["model"] == "/next" and res["state"] == "ready"
+        assert (await c.request("fill", {"prefix": "z"}))["model"] == "/next"
+        assert (await c.request("status"))["loading"] is None
+        assert built == [None, "/slow", "/next"] and inflight[1] == 1
+    finally:
+        release.set()
+        await c.close()
+        await server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_config_parsing_errors():
     from dgemma.daemon.config import parse_config
 
@@ -382,11 +436,16 @@ def test_config_parsing_errors():
 def test_config_names_match_the_loaders():
     """config.py spells out the dtype and quantization names so that reading the config never
     imports torch; they must stay what the loader and dgemma.quant accept."""
+    import torch
+
     from dgemma.daemon.config import DTYPES, QUANTIZATIONS
-    from dgemma.daemon.loading import _DTYPES
+    from dgemma.daemon.loading import pick_dtype
     from dgemma.quant.formats import FORMATS
 
-    assert set(DTYPES) == {"auto", *_DTYPES} and set(QUANTIZATIONS) == set(FORMATS)
+    cpu = torch.device("cpu")
+    assert {pick_dtype(name, cpu) for name in DTYPES if name not in ("fp16", "float16")} == \
+        {torch.float32, torch.bfloat16}
+    assert set(QUANTIZATIONS) == set(FORMATS)
 
 
 def test_load_config_missing_file_gives_defaults(tmp_path):

@@ -56,6 +56,33 @@ def test_next_token_rows_start_at_a_line(maker):
         assert any(("\n" + text) in ("\n" + t) for t in maker.texts), text[:80]
 
 
+@pytest.mark.parametrize("rows,chunk", [(1, 4), (37, 8), (64, 64), (50, 256)])
+def test_chunked_head_loss_matches_the_plain_softcapped_head(rows, chunk):
+    import torch
+    import torch.nn.functional as F
+
+    from train.head_loss import softcapped_cross_entropy
+
+    gen = torch.Generator().manual_seed(rows)
+    hidden = torch.randn(rows, 16, generator=gen, requires_grad=True)
+    weight = (3 * torch.randn(300, 16, generator=gen)).requires_grad_()
+    targets = torch.randint(0, 300, (rows,), generator=gen)
+    cap = 30.0
+    loss, acc = softcapped_cross_entropy(hidden, weight, targets, cap, chunk=chunk)
+    (2.5 * loss).backward()
+    fused_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    logits = torch.tanh(hidden @ weight.T / cap) * cap
+    plain = F.cross_entropy(logits, targets)
+    (2.5 * plain).backward()
+    torch.testing.assert_close(loss, plain)
+    torch.testing.assert_close(fused_grads[0], hidden.grad)
+    torch.testing.assert_close(fused_grads[1], weight.grad)
+    assert acc.item() == (logits.argmax(-1) == targets).float().mean().item()
+    assert not acc.requires_grad
+
+
 def test_short_run_writes_a_servable_checkpoint(tmp_path):
     from dgemma.daemon.engine import Engine
     from dgemma.daemon.loading import load_model

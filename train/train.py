@@ -36,12 +36,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from train.config import VOCAB_SIZE, generation_config, model_config
 from train.corpus import read_sources, split
 from train.data import Batcher, ExampleMaker, collate, lm_batch
+from train.head_loss import softcapped_cross_entropy
 from train.quickfill import pinned_onehot_logits, quick_fill
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,9 +57,8 @@ def next_token_loss(model, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Ten
     """Cross-entropy of the causal encoder's prediction of each next prefix token."""
     if ids.shape[1] < 2:  # a batch cut down to its <bos>: nothing to predict
         return hidden.new_zeros(())
-    cap = model.final_logit_softcapping
-    logits = torch.tanh(model.lm_head(hidden[:, :-1]).float() / cap) * cap
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    return softcapped_cross_entropy(h, model.lm_head.weight, ids[:, 1:].reshape(-1), model.final_logit_softcapping)[0]
 
 
 def diffusion_loss(model, batch, gen: torch.Generator, self_condition: bool):
@@ -77,12 +76,10 @@ def diffusion_loss(model, batch, gen: torch.Generator, self_condition: bool):
         with torch.no_grad():
             first = model(input_ids=x, decoder_input_ids=canvas, use_cache=True).logits
         sc = pinned_onehot_logits(first.detach(), target, pinned)
-    out = model(input_ids=x, decoder_input_ids=canvas, self_conditioning_logits=sc, use_cache=True)
-    logits = out.logits
+    out = model.model(input_ids=x, decoder_input_ids=canvas, self_conditioning_logits=sc, use_cache=True)
     free = ~pinned
-    loss = F.cross_entropy(logits[free].float(), target[free])
-    with torch.no_grad():
-        acc = (logits[free].argmax(-1) == target[free]).float().mean()
+    loss, acc = softcapped_cross_entropy(out.last_hidden_state[free], model.lm_head.weight, target[free],
+                                         model.final_logit_softcapping)
     return loss, acc, next_token_loss(model, out.encoder_last_hidden_state, x)
 
 
