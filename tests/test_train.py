@@ -83,6 +83,23 @@ def test_chunked_head_loss_matches_the_plain_softcapped_head(rows, chunk):
     assert not acc.requires_grad
 
 
+def test_packed_corpus_reads_back_as_the_manifest_files(tmp_path, monkeypatch):
+    """What a lent GPU machine trains on: the packed files, unpacked under $DGEMMA_CORPUS_ROOT."""
+    import tarfile
+
+    from train.corpus import manifest_mismatch, pack, read_sources
+
+    here = read_sources()
+    assert manifest_mismatch(here) is None
+    pack(tmp_path / "corpus.tar.gz")
+    with tarfile.open(tmp_path / "corpus.tar.gz") as tar:
+        tar.extractall(tmp_path / "root", filter="data")
+    monkeypatch.setenv("DGEMMA_CORPUS_ROOT", str(tmp_path / "root"))
+    assert read_sources() == here
+    (tmp_path / "root" / here[0][0]).unlink()
+    assert "1 listed files missing" in manifest_mismatch(read_sources())
+
+
 def test_short_run_writes_a_servable_checkpoint(tmp_path):
     from dgemma.daemon.engine import Engine
     from dgemma.daemon.loading import load_model

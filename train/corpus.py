@@ -2,20 +2,31 @@
 
 Reproducible and PSF licensed. Files under test/, tests/, idlelib/ and site-packages
 are excluded; the list is sorted so every run sees the same files in the same order.
+daemon/bundled/CORPUS.txt records the list the shipped model was trained on. To train on
+another machine (a lent GPU, another Python) on exactly those files:
+
+    python -m train.corpus pack corpus.tar.gz       # here: the corpus files, by relative path
+    tar xzf corpus.tar.gz -C /tmp/corpus && DGEMMA_CORPUS_ROOT=/tmp/corpus python -m train.train ...
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import sys
 import sysconfig
+import tarfile
 from pathlib import Path
 
 EXCLUDED_PARTS = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
 
 
+MANIFEST = Path(__file__).resolve().parent.parent / "daemon" / "bundled" / "CORPUS.txt"
+
+
 def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
+    """The running Python's standard library, or the unpacked corpus in $DGEMMA_CORPUS_ROOT."""
+    return Path(os.environ.get("DGEMMA_CORPUS_ROOT") or sysconfig.get_paths()["stdlib"])
 
 
 def corpus_files() -> list[Path]:
@@ -73,3 +84,29 @@ def write_manifest(path: Path, sources: list[tuple[str, str]]) -> None:
     for rel, _ in sources:
         lines.append(f"{rel}\tval" if rel in val_set else rel)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def manifest_mismatch(sources: list[tuple[str, str]], path: Path = MANIFEST) -> str | None:
+    """Why `sources` are not the files the manifest lists (None when they are)."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    listed = [line.split("\t")[0] for line in lines[lines.index("") + 1:] if line]
+    have = [rel for rel, _ in sources]
+    if have == listed:
+        return None
+    missing, extra = sorted(set(listed) - set(have)), sorted(set(have) - set(listed))
+    return f"{len(missing)} listed files missing (e.g. {missing[:3]}), {len(extra)} unlisted (e.g. {extra[:3]})"
+
+
+def pack(out: Path) -> None:
+    """The corpus files in a .tar.gz, by their path relative to the library root."""
+    root = stdlib_root()
+    with tarfile.open(out, "w:gz") as tar:
+        for rel, _ in read_sources():
+            tar.add(root / rel, arcname=rel)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["pack"])
+    ap.add_argument("out", type=Path)
+    pack(ap.parse_args().out)

@@ -14,18 +14,17 @@ import torch
 
 class _SoftcappedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
                 chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = hidden.shape[0]
-        h, w = hidden, weight
+        h, w = hidden.float(), weight.float()
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(w)
         loss = h.new_zeros(())
         correct = h.new_zeros(())
         for a in range(0, n, chunk):
             hc, yc = h[a:a + chunk], targets[a:a + chunk]
-            rows = torch.arange(hc.shape[0])
+            rows = torch.arange(hc.shape[0], device=h.device)
             t = (hc @ w.T).div_(cap).tanh_()  # soft-capped logits are cap * t
             logits = t * cap
             lse = torch.logsumexp(logits, dim=-1)
@@ -44,7 +43,6 @@ class _SoftcappedCrossEntropy(torch.autograd.Function):
         return loss / n, accuracy
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
@@ -52,7 +50,7 @@ class _SoftcappedCrossEntropy(torch.autograd.Function):
 
 
 def softcapped_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
-                             chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                             chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of ``cap * tanh(hidden @ weight.T / cap)`` against ``targets``, and the
     fraction of rows whose argmax is the target (for logging; not differentiable).
 
@@ -61,4 +59,5 @@ def softcapped_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets
     if hidden.shape[0] == 0:
         zero = hidden.new_zeros((), dtype=torch.float32) + 0 * hidden.sum() + 0 * weight.sum()
         return zero, zero.detach()
-    return _SoftcappedCrossEntropy.apply(hidden, weight, targets, cap, chunk)
+    with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits under bf16 autocast too
+        return _SoftcappedCrossEntropy.apply(hidden, weight, targets, cap, chunk)

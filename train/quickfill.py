@@ -26,10 +26,11 @@ def quick_fill(model, tok, prefix: str, suffix: str, m: int = 32, steps: int = 1
     enc = [BOS_ID] + body[-(max_prefix - 1):]
     suf = tok.encode(suffix).ids if suffix else []
     tail = (suf + [EOS_ID] + [PAD_ID] * C)[: C - m]
-    target = torch.tensor([[0] * m + tail])
-    pinned = torch.tensor([[False] * m + [True] * (C - m)])
-    canvas = torch.where(pinned, target, torch.randint(0, V, (1, C), generator=generator))
-    out = model(input_ids=torch.tensor([enc]), decoder_input_ids=canvas, use_cache=True)
+    dev = model.device  # the random draws stay on the CPU generator: same fills on any device
+    target = torch.tensor([[0] * m + tail], device=dev)
+    pinned = torch.tensor([[False] * m + [True] * (C - m)], device=dev)
+    canvas = torch.where(pinned, target, torch.randint(0, V, (1, C), generator=generator).to(dev))
+    out = model(input_ids=torch.tensor([enc], device=dev), decoder_input_ids=canvas, use_cache=True)
     cache = out.past_key_values
     logits = out.logits
     for s in range(steps):
@@ -41,9 +42,9 @@ def quick_fill(model, tok, prefix: str, suffix: str, m: int = 32, steps: int = 1
         ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
         best = probs.argmax(-1)
         k = max(1, round(m * (s + 1) / steps))
-        keep = torch.zeros(m, dtype=torch.bool)
+        keep = torch.zeros(m, dtype=torch.bool, device=dev)
         keep[ent.argsort()[:k]] = True
-        noise = torch.randint(0, V, (m,), generator=generator)
+        noise = torch.randint(0, V, (m,), generator=generator).to(dev)
         canvas = canvas.clone()
         canvas[0, :m] = torch.where(keep, best, noise)
     ids = canvas[0, :m].tolist()

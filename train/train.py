@@ -39,7 +39,7 @@ import torch
 from tokenizers import Tokenizer
 
 from train.config import VOCAB_SIZE, generation_config, model_config
-from train.corpus import read_sources, split
+from train.corpus import MANIFEST, manifest_mismatch, read_sources, split
 from train.data import Batcher, ExampleMaker, collate, lm_batch
 from train.head_loss import softcapped_cross_entropy
 from train.quickfill import pinned_onehot_logits, quick_fill
@@ -66,9 +66,10 @@ def diffusion_loss(model, batch, gen: torch.Generator, self_condition: bool):
     x = batch["input_ids"]
     target, pinned, base = batch["target"], batch["pinned"], batch["base"]
     B, C = target.shape
-    rate = torch.rand(B, 1, generator=gen)
-    noise_mask = (torch.rand(B, C, generator=gen) < rate) & ~pinned
-    noise = torch.randint(0, VOCAB_SIZE, (B, C), generator=gen)
+    # Drawn on the CPU generator whatever the device: a run's noise depends on --seed alone.
+    rate = torch.rand(B, 1, generator=gen).to(x.device)
+    noise_mask = (torch.rand(B, C, generator=gen).to(x.device) < rate) & ~pinned
+    noise = torch.randint(0, VOCAB_SIZE, (B, C), generator=gen).to(x.device)
     canvas = torch.where(noise_mask, noise, base)
     canvas = torch.where(pinned, target, canvas)
     sc = None
@@ -81,6 +82,10 @@ def diffusion_loss(model, batch, gen: torch.Generator, self_condition: bool):
     loss, acc = softcapped_cross_entropy(out.last_hidden_state[free], model.lm_head.weight, target[free],
                                          model.final_logit_softcapping)
     return loss, acc, next_token_loss(model, out.encoder_last_hidden_state, x)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
@@ -178,17 +183,20 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bundled")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1 is fastest on a shared, oversubscribed CPU)")
+                    help="torch threads on a CPU (1 is fastest on a shared, oversubscribed CPU)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where to train (default: cuda when there is one)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                     help="bf16 autocast for the forward/backward (weights and optimizer stay fp32)")
     ap.add_argument("--ship", type=Path, default=None, help="only ship this checkpoint")
+    ap.add_argument("--ship-to", type=Path, default=BUNDLED, help="where --ship writes (default: daemon/bundled)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from this checkpoint's weights (continued training, new schedule)")
     ap.add_argument("--stop-file", type=Path, default=None,
                     help="stop cleanly (after a final checkpoint) when this file exists")
     args = ap.parse_args(argv)
     if args.ship:
-        ship(args.ship)
+        ship(args.ship, args.ship_to)
         return
 
     from transformers import DiffusionGemmaForBlockDiffusion
@@ -198,12 +206,17 @@ def main(argv=None) -> None:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     tok = Tokenizer.from_file(str(BUNDLED / "tokenizer.json"))
-    train_src, val_src = split(read_sources())
-    log(f"corpus: {len(train_src)} train files, {len(val_src)} val files")
+    sources = read_sources()
+    mismatch = manifest_mismatch(sources)
+    train_src, val_src = split(sources)
+    log(f"corpus: {len(train_src)} train files, {len(val_src)} val files, "
+        + (f"NOT the files of {MANIFEST.name}: {mismatch}" if mismatch else f"as listed in {MANIFEST.name}"))
     if args.init_from:
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(args.init_from, dtype=torch.float32)
     else:
         model = DiffusionGemmaForBlockDiffusion(model_config(args.preset))
+    device = torch.device(args.device)
+    model.to(device)
     n_params = sum(p.numel() for n, p in model.named_parameters() if "vision" not in n)
     log(f"model: {n_params / 1e6:.2f} M parameters (without the vision stub)")
     model.train()
@@ -230,7 +243,7 @@ def main(argv=None) -> None:
 
     maker = ExampleMaker(tok, train_src, max_prefix=args.max_prefix, seed=args.seed)
     batcher = Batcher(maker, batch_size=args.batch_size)
-    val_batches = make_val_batches(tok, val_src, 6, args.max_prefix)
+    val_batches = [to_device(b, device) for b in make_val_batches(tok, val_src, 6, args.max_prefix)]
     val_fills = make_val_fills(val_src)
     gen = torch.Generator().manual_seed(args.seed + 1)
     sc_rng = random.Random(args.seed + 2)
@@ -246,15 +259,15 @@ def main(argv=None) -> None:
             g["lr"] = lr_at(step)
         warm_up = progress(step) < args.lm_phase
         if warm_up:
-            ids = lm_batch(maker, args.batch_size, args.lm_length)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            ids = lm_batch(maker, args.batch_size, args.lm_length).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 ar_loss = lm_loss(model, ids)
             loss = acc = torch.zeros(())  # no diffusion pass: logged as 0
             total = ar_loss
             ntok += ids.numel()
         else:
-            batch = collate(batcher.next_examples())
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            batch = to_device(collate(batcher.next_examples()), device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 loss, acc, ar_loss = diffusion_loss(model, batch, gen, self_condition=sc_rng.random() < 0.5)
             total = loss + args.ar_weight * ar_loss
             ntok += batch["input_ids"].numel() + batch["target"].numel()
