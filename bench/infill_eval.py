@@ -228,9 +228,16 @@ def write_section(body: str) -> None:
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     block = f"{SECTION}\n\n{body}\n"
     if SECTION in text:
+        # The table is replaced up to its Command: line; notes written below it stay.
         start = text.index(SECTION)
+        command = text.find("\nCommand: `python bench/infill_eval.py", start)
         nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + block + (text[nxt:] if nxt >= 0 else "")
+        if command >= 0 and (nxt < 0 or command < nxt):
+            end = text.find("\n", command + 1)
+            rest = text[end + 1:] if end >= 0 else ""
+        else:
+            rest = text[nxt:] if nxt >= 0 else ""
+        text = text[:start] + block + rest
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text, encoding="utf-8")

@@ -1,9 +1,9 @@
 """Train the small DiffusionGemma code model that dgemma bundles.
 
     python -m train.train --minutes 120 --no-bf16 --threads 2 --lm-phase 0.5 --eval-every 200 \
-        --out runs/v3                                          # what shipped (2-core CPU, 2 hours)
-    python -m train.train --steps 3600 --out runs/v3           # step-based, fully deterministic
-    python -m train.train --ship runs/v3/best                  # copy into daemon/bundled
+        --out runs/v4                                          # what shipped (2-core CPU, 2 hours)
+    python -m train.train --steps 4000 --out runs/v4           # step-based, fully deterministic
+    python -m train.train --ship runs/v4/best                  # copy into daemon/bundled
 
 The first --lm-phase of the schedule trains the shared encoder/decoder weights as a causal
 language model on code alone (`lm_loss`): every token of a row is supervised, so the stack
