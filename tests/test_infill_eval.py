@@ -29,3 +29,16 @@ def test_metrics():
 def test_window_keeps_whole_lines():
     prefix, suffix = window("a = 1\nbb = 2\nccc = 3\n", "\nx = 1\ny = 2\n", 10, 8)
     assert prefix == "ccc = 3\n" and suffix == "\nx = 1"
+
+
+def test_write_benchmarks_replaces_the_table_and_keeps_the_notes(tmp_path, monkeypatch):
+    import bench.infill_eval as infill_eval
+
+    monkeypatch.setattr(infill_eval, "ROOT", tmp_path)
+    run = "| model | 0.1 |\n\nCommand: `python bench/infill_eval.py --threads 2`"
+    (tmp_path / "BENCHMARKS.md").write_text(
+        f"# Benchmarks\n\n{infill_eval.SECTION}\n\n| model | 0.0 |\n\n"
+        "Command: `python bench/infill_eval.py`\n\nNotes on the run.\n\n## Next section\n")
+    infill_eval.write_section(run)
+    assert (tmp_path / "BENCHMARKS.md").read_text() == (
+        f"# Benchmarks\n\n{infill_eval.SECTION}\n\n{run}\n\nNotes on the run.\n\n## Next section\n")
