@@ -3,7 +3,8 @@
     python bench/infill_eval.py [--model DIR] [--package click] [--single 100] [--multi 50]
 
 The held-out set is cut (fixed seed) from the sources of an installed third-party package
-(default: click), which is not part of the training corpus (the CPython standard library).
+(default: click) that is not part of the training corpus (the CPython standard library and the
+packages listed in train/corpus.py, which leave out click and typer, a layer over click).
 Each case removes one line (single-line) or 2-4 consecutive lines (multi-line) from a file;
 the model gets the text before it as prefix and the text after it as suffix, through
 dgemma's real engine: ``Engine(load_model()).fill(prefix, suffix).completions[0].text``.
@@ -29,6 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # train/ is a folder beside the package, not installed
+
+from dgemma.daemon.consensus import edit_similarity  # noqa: E402  (the engine's own measure)
+from train.corpus import PACKAGES as CORPUS_PACKAGES  # noqa: E402
 
 
 @dataclass
@@ -42,6 +47,8 @@ class Case:
 
 
 def package_files(package: str) -> tuple[str, list[Path]]:
+    if package in CORPUS_PACKAGES:
+        raise SystemExit(f"{package!r} is in the training corpus (train/corpus.py): it cannot be a held-out set")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"package {package!r} is not installed")
@@ -86,25 +93,6 @@ def make_cases(package: str, n_single: int, n_multi: int, seed: int = 0) -> tupl
             cases.append(Case(kind, name, prefix, middle, suffix, previous))
             got += 1
     return version, cases
-
-
-def levenshtein(a: str, b: str) -> int:
-    if len(a) < len(b):
-        a, b = b, a
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
-def edit_similarity(pred: str, ref: str) -> float:
-    pred, ref = pred.strip(), ref.strip()
-    if not pred and not ref:
-        return 1.0
-    return 1.0 - levenshtein(pred, ref) / max(len(pred), len(ref))
 
 
 def parses(text: str) -> bool:

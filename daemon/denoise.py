@@ -30,7 +30,7 @@ class StepState:
 @dataclass
 class CanvasOutcome:
     argmax: torch.Tensor  # (B, C) the denoised canvas
-    logprobs: torch.Tensor  # (B, C) log-probability of each argmax token at the row's last step
+    logprobs: torch.Tensor  # (B, C) untempered log-probability of each argmax token at the row's last step
     steps: int
 
 
@@ -108,6 +108,7 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
     history: list[torch.Tensor] = []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     last_entropy = torch.zeros(batch, canvas_length, device=device)  # read only once a row has finished
+    row_temperature = torch.ones(batch, 1, 1, device=device)  # what each row's last logits were divided by
     steps = 0
     for steps_left in range(settings.max_denoising_steps, 0, -1):
         if interrupt is not None:
@@ -115,7 +116,8 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
         steps += 1
         logits = model(decoder_input_ids=current, self_conditioning_logits=sc_logits, past_key_values=cache,
                        decoder_position_ids=positions).logits
-        logits.div_(settings.temperature(steps_left))  # a fresh fp32 tensor: no copy needed
+        temperature = settings.temperature(steps_left)
+        logits.div_(temperature)  # a fresh fp32 tensor: no copy needed
         if any_pinned:
             # Self-conditioning reads softmax(logits): -inf everywhere but the pinned token makes it
             # one-hot. Written in place: a (pinned x vocab) copy is hundreds of MB at 262k vocab.
@@ -145,6 +147,7 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
             new_current = torch.where(finished[:, None], current, new_current)
             logits[finished] = sc_logits[finished].to(logits.dtype)
             entropy = torch.where(finished[:, None], last_entropy, entropy)
+        row_temperature[~finished] = temperature
         if settings.stability_threshold == 0:
             stable = torch.ones_like(finished)
         elif len(history) < settings.stability_threshold:
@@ -161,8 +164,11 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
             on_step(StepState(step=steps, argmax=argmax, entropy=entropy, finished=finished))
         if bool(finished.all()):
             break
-    # Each row's confidence in its own result, from the last step it was still denoising.
-    logprobs = torch.log_softmax(sc_logits.float(), dim=-1).gather(-1, argmax.unsqueeze(-1)).squeeze(-1)
+    # Each row's confidence in its own result, from the last step it was still denoising, at
+    # temperature 1: at the late steps' low temperature every log-probability is ~0, and rows could
+    # not be told apart.
+    raw = sc_logits.float() * row_temperature
+    logprobs = torch.log_softmax(raw, dim=-1).gather(-1, argmax.unsqueeze(-1)).squeeze(-1)
     return CanvasOutcome(argmax=argmax, logprobs=logprobs, steps=steps)
 
 

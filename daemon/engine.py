@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from dgemma.daemon.canvas import CanvasPlan, plan_rows, slot_candidates, slot_tokens
+from dgemma.daemon.consensus import agreement
 from dgemma.daemon.denoise import Interrupt, StepState, denoise, encode
 from dgemma.daemon.errors import DgemmaError
 from dgemma.daemon.loading import LoadedModel
@@ -30,6 +31,7 @@ MAX_NEW_TOKENS = 4096
 class Completion:
     text: str
     score: float  # mean log-probability of the chosen tokens (and the closing <eos>)
+    agreement: float  # mean edit similarity of its first canvas to the request's other first-canvas rows
     tokens: int
     finished: bool  # the model closed the middle with <eos> (False: cut by the token budget)
 
@@ -307,23 +309,25 @@ class Engine:
         req.interrupt.check()
         cache, cached = self._prefill(ids, stable)
 
-        # First canvas: every alternative tries every planned layout in one batch.
-        first_rows = plans(0, max_tokens) * n
-        decoded = self._decode_canvas(cache, first_rows, suffix_ids, strength, req)
-        ranked, seen = [], set()
-        for row in sorted(decoded, key=_rank, reverse=True):
-            if tuple(row.tokens) not in seen:
-                seen.add(tuple(row.tokens))
-                ranked.append(row)
-        chosen = ranked[:n]
+        # First canvas: every alternative tries every planned layout in one batch. An empty middle
+        # comes last (a request for a fill wants text, and closing at once is the cheapest thing a
+        # model can say), then rows that ran out of slots (they cost another canvas each); among
+        # the rest the rows most like all the others come first (consensus.py).
+        decoded = self._decode_canvas(cache, plans(0, max_tokens) * n, suffix_ids, strength, req)
+        votes = agreement([self._decode(row.tokens) for row in decoded])
+        chosen, seen = [], set()
+        for i in sorted(range(len(decoded)), reverse=True, key=lambda i: (
+                bool(decoded[i].tokens), decoded[i].finished, votes[i], decoded[i].score)):
+            if tuple(decoded[i].tokens) not in seen and len(chosen) < n:
+                seen.add(tuple(decoded[i].tokens))
+                chosen.append((decoded[i], votes[i]))
 
         completions = []
-        for row in chosen:
+        for row, vote in chosen:
             branch = cache if len(chosen) == 1 else copy_cache(cache, self.device)
             row = self._continue(branch, len(ids), row, suffix_ids, plans, max_tokens, strength, req)
-            completions.append(Completion(text=self._decode(row.tokens), score=row.score, tokens=len(row.tokens),
-                                          finished=row.finished))
-        completions.sort(key=lambda c: (bool(c.text), c.finished, c.score), reverse=True)
+            completions.append(Completion(text=self._decode(row.tokens), score=row.score, agreement=vote,
+                                          tokens=len(row.tokens), finished=row.finished))
         return Result(completions=completions, steps=req.steps, canvases=req.canvases, prompt_tokens=len(ids),
                       cached_tokens=cached, ms=(time.perf_counter() - started) * 1000, seed=int(seed),
                       model=self.loaded.name)
@@ -341,8 +345,7 @@ class Engine:
                 break
             if new:
                 encode(self.model, torch.tensor([new], dtype=torch.long, device=self.device), cache)
-            nxt = max(self._decode_canvas(cache, rows, suffix_ids, strength, req),
-                      key=lambda r: _rank(r, first=False))
+            nxt = max(self._decode_canvas(cache, rows, suffix_ids, strength, req), key=_continuation_rank)
             row = _Row(row.tokens + nxt.tokens, nxt.finished, row.logprob_sum + nxt.logprob_sum,
                        row.logprob_count + nxt.logprob_count)
             req.committed = list(row.tokens)
@@ -351,14 +354,13 @@ class Engine:
         return row
 
 
-def _rank(row: _Row, first: bool = True) -> tuple:
-    """Finished rows first, by score; among unfinished ones the row that got furthest, since it
-    continues into the next canvas. On the first canvas an empty middle comes last: closing at
-    once is the cheapest thing a model can say, and a request for a fill wants text. On later
-    canvases an immediate <eos> just means the middle ended with the previous one."""
+def _continuation_rank(row: _Row) -> tuple:
+    """A later canvas of one middle: finished rows first, by score (an immediate <eos> just means
+    the middle ended with the previous canvas); among unfinished ones the row that got furthest,
+    since it continues into the next canvas."""
     if row.finished:
-        return (bool(row.tokens) or not first, True, row.score)
-    return (True, False, len(row.tokens), row.score)
+        return (True, row.score)
+    return (False, len(row.tokens), row.score)
 
 
 def _single_id(*candidates: int | list[int] | None) -> int:

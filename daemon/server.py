@@ -669,7 +669,8 @@ def engine_kwargs(method: str, params: dict[str, Any], limits: Any) -> dict[str,
 def result_payload(res: Any, model_name: str | None) -> dict[str, Any]:
     """An engine Result as the wire's `result` map."""
     return {
-        "completions": [{"text": c.text, "score": float(c.score)} for c in res.completions],
+        "completions": [{"text": c.text, "score": float(c.score), "agreement": float(c.agreement)}
+                        for c in res.completions],
         "model": model_name or getattr(res, "model", None),
         "steps": int(res.steps),
         "ms": float(res.ms),

@@ -27,6 +27,7 @@ from test_daemon_util import short_tmp
 class _C:
     text: str
     score: float = 0.0
+    agreement: float = 0.0
 
 
 @dataclass

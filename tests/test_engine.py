@@ -87,8 +87,10 @@ def test_slot_candidates_fit_the_canvas() -> None:
 def test_fill_returns_ranked_alternatives(engine: Engine) -> None:
     res = engine.fill("def add(a, b):\n    return", "\n", n=3, max_tokens=20, seed=4, settings=FAST)
     assert 1 <= len(res.completions) <= 3
-    keys = [(bool(c.text), c.finished, c.score) for c in res.completions]
+    # Best first: the rows the others agree with (consensus.py); an empty middle last.
+    keys = [(bool(c.text), c.agreement) for c in res.completions]
     assert keys == sorted(keys, reverse=True)
+    assert all(0.0 <= c.agreement <= 1.0 for c in res.completions)
     assert all(c.tokens <= 20 for c in res.completions)
     assert res.prompt_tokens > 0 and res.steps > 0 and res.seed == 4
 
