@@ -83,21 +83,28 @@ def test_chunked_head_loss_matches_the_plain_softcapped_head(rows, chunk):
     assert not acc.requires_grad
 
 
-def test_packed_corpus_reads_back_as_the_manifest_files(tmp_path, monkeypatch):
-    """What a lent GPU machine trains on: the packed files, unpacked under $DGEMMA_CORPUS_ROOT."""
+def test_packed_corpus_reads_back_as_its_manifest(tmp_path, monkeypatch):
+    """What a lent GPU machine trains on: the packed files, unpacked under $DGEMMA_CORPUS_ROOT,
+    are read back as the same corpus, standard library and packages alike, and checked against
+    the manifest written for them."""
     import tarfile
 
-    from train.corpus import manifest_mismatch, pack, read_sources
+    from train.corpus import is_stdlib, manifest_mismatch, pack, read_sources, write_manifest
 
     here = read_sources()
-    assert manifest_mismatch(here) is None
-    pack(tmp_path / "corpus.tar.gz")
+    packaged = [s for s in here if not is_stdlib(s[0])]
+    assert packaged, "torch and transformers are installed, so the corpus has package files"
+    assert not any(rel.split("/")[1] in ("click", "typer") for rel, _ in packaged), "the held-out set leaked in"
+    subset = sorted([s for s in here if is_stdlib(s[0])][:20] + packaged[:20])
+    pack(tmp_path / "corpus.tar.gz", subset)
     with tarfile.open(tmp_path / "corpus.tar.gz") as tar:
         tar.extractall(tmp_path / "root", filter="data")
     monkeypatch.setenv("DGEMMA_CORPUS_ROOT", str(tmp_path / "root"))
-    assert read_sources() == here
-    (tmp_path / "root" / here[0][0]).unlink()
-    assert "1 listed files missing" in manifest_mismatch(read_sources())
+    assert read_sources() == subset
+    write_manifest(tmp_path / "CORPUS.txt", subset)
+    assert manifest_mismatch(read_sources(), tmp_path / "CORPUS.txt") is None
+    (tmp_path / "root" / packaged[0][0]).unlink()
+    assert "1 listed files missing" in manifest_mismatch(read_sources(), tmp_path / "CORPUS.txt")
 
 
 def test_short_run_writes_a_servable_checkpoint(tmp_path):

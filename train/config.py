@@ -81,10 +81,10 @@ def model_config(preset: str = "small") -> DiffusionGemmaConfig:
 
 
 def generation_config() -> DiffusionGemmaGenerationConfig:
-    """Defaults for a small code model on a CPU, picked by train/tune_sampler.py on the validation
-    files: much cooler sampling than the 26B and few steps. Long schedules with a tight entropy
-    bound did worse: every extra step re-noises the unaccepted slots, and a small model copies
-    some of that noise into its answer."""
+    """Defaults for a small code model on a CPU, picked by train/tune_sampler.py (on validation
+    files, then checked on a development package): much cooler sampling than the 26B and few
+    steps. Long schedules with a tight entropy bound did no better: every extra step re-noises
+    the unaccepted slots, and a small model copies some of that noise into its answer."""
     return DiffusionGemmaGenerationConfig(
         max_new_tokens=CANVAS_LENGTH,
         max_denoising_steps=12,

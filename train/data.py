@@ -107,7 +107,7 @@ class ExampleMaker:
             else:
                 a = rng.randrange(n)
             return a, min(n, a + 1500)
-        if kind == "edit" or rng.random() < 0.65:
+        if kind == "edit" or rng.random() < 0.8:
             # whole lines (single line half the time), optionally without the final newline
             i = rng.randrange(len(starts))
             k = 1 if rng.random() < 0.5 else rng.randint(2, 8 if kind != "edit" else 5)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from train.corpus import read_sources, write_manifest
+from train.corpus import is_stdlib, read_sources, write_manifest
 
 VOCAB_SIZE = 8192
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
@@ -79,9 +79,10 @@ def main(argv=None) -> None:
     sources = read_sources()
     args.out.mkdir(parents=True, exist_ok=True)
     write_manifest(args.out / "CORPUS.txt", sources)
-    tok = build_tokenizer([t for _, t in sources])
+    stdlib = [t for rel, t in sources if is_stdlib(rel)]
+    tok = build_tokenizer(stdlib)
     save_bundled(tok, args.out)
-    print(f"tokenizer: {tok.get_vocab_size()} tokens, {len(sources)} files -> {args.out}")
+    print(f"tokenizer: {tok.get_vocab_size()} tokens, {len(stdlib)} standard-library files -> {args.out}")
 
 
 if __name__ == "__main__":

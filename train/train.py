@@ -1,9 +1,10 @@
 """Train the small DiffusionGemma code model that dgemma bundles.
 
-    python -m train.train --minutes 120 --no-bf16 --threads 2 --lm-phase 0.5 --eval-every 200 \
-        --out runs/v4                                          # what shipped (2-core CPU, 2 hours)
-    python -m train.train --steps 4000 --out runs/v4           # step-based, fully deterministic
-    python -m train.train --ship runs/v4/best                  # copy into daemon/bundled
+    bash train/recipe.sh runs/bundled        # what shipped: three runs on a 2-core CPU, ~5 hours
+    python -m train.train --minutes 100 --no-bf16 --threads 2 --lm-phase 0.3 --out runs/a    # one run
+    python -m train.train --steps 4000 --out runs/a            # step-based, fully deterministic
+    python -m train.train --init-from runs/a/best --lm-phase 0 --lr 1e-3 --out runs/b   # continue
+    python -m train.train --ship runs/b/best                   # copy into daemon/bundled
 
 The first --lm-phase of the schedule trains the shared encoder/decoder weights as a causal
 language model on code alone (`lm_loss`): every token of a row is supervised, so the stack
