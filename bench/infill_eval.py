@@ -115,6 +115,20 @@ def window(prefix: str, suffix: str, prefix_chars: int, suffix_chars: int) -> tu
     return prefix, suffix
 
 
+def predict(engine, cases: list[Case], prefix_chars: int = 2000, suffix_chars: int = 1000
+            ) -> tuple[list[str], list[float]]:
+    """The engine's best middle for every case, asked for as an editor would (windowed context,
+    a budget by kind, the case's index as seed), and the seconds each fill took."""
+    preds, times = [], []
+    for i, c in enumerate(cases):
+        prefix, suffix = window(c.prefix, c.suffix, prefix_chars, suffix_chars)
+        t = time.time()
+        res = engine.fill(prefix, suffix, max_tokens=64 if c.kind == "single" else 160, seed=i)
+        times.append(time.time() - t)
+        preds.append(res.completions[0].text if res.completions else "")
+    return preds, times
+
+
 def score(cases: list[Case], preds: list[str]) -> dict[str, dict[str, float]]:
     out = {}
     for kind in ("single", "multi", "all"):
@@ -165,15 +179,9 @@ def main(argv=None) -> None:
     load_s = time.time() - t0
     engine = Engine(loaded)
     n_params = sum(p.numel() for p in loaded.model.parameters())
-    preds, times = [], []
-    for i, c in enumerate(cases):
-        prefix, suffix = window(c.prefix, c.suffix, args.prefix_chars, args.suffix_chars)
-        t = time.time()
-        res = engine.fill(prefix, suffix, max_tokens=64 if c.kind == "single" else 160, seed=i)
-        times.append(time.time() - t)
-        preds.append(res.completions[0].text if res.completions else "")
-        if i < args.show:
-            print(f"--- {c.kind} {c.file}\nREF : {c.middle!r}\nPRED: {preds[-1]!r}")
+    preds, times = predict(engine, cases, args.prefix_chars, args.suffix_chars)
+    for c, pred in list(zip(cases, preds))[:args.show]:
+        print(f"--- {c.kind} {c.file}\nREF : {c.middle!r}\nPRED: {pred!r}")
     results = {
         "model": score(cases, preds),
         "empty middle": score(cases, [""] * len(cases)),

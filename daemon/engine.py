@@ -318,7 +318,9 @@ class Engine:
         chosen, seen = [], set()
         for i in sorted(range(len(decoded)), reverse=True, key=lambda i: (
                 bool(decoded[i].tokens), decoded[i].finished, votes[i], decoded[i].score)):
-            if tuple(decoded[i].tokens) not in seen and len(chosen) < n:
+            if len(chosen) == n:
+                break
+            if tuple(decoded[i].tokens) not in seen:
                 seen.add(tuple(decoded[i].tokens))
                 chosen.append((decoded[i], votes[i]))
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(2)
-    from infill_eval import edit_similarity, make_cases, window
+    from infill_eval import make_cases, predict, score
 
     from dgemma.daemon.engine import Engine
     from dgemma.daemon.loading import load_model
@@ -59,16 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, values in CANDIDATES.items():
         if args.only and name not in args.only:
             continue
-        engine = Engine(loaded, settings=SamplerSettings.from_mapping(values))
-        em = es = 0.0
-        t = time.time()
-        for i, c in enumerate(cases):
-            prefix, suffix = window(c.prefix, c.suffix, 2000, 1000)
-            pred = engine.fill(prefix, suffix, max_tokens=64 if c.kind == "single" else 160, seed=i).completions[0].text
-            em += pred.strip() == c.middle.strip()
-            es += edit_similarity(pred, c.middle)
-        n = len(cases)
-        print(f"{name}: EM {em / n:.3f} ES {es / n:.3f} {(time.time() - t) / n:.2f} s/case", flush=True)
+        preds, times = predict(Engine(loaded, settings=SamplerSettings.from_mapping(values)), cases)
+        result = score(cases, preds)["all"]
+        print(f"{name}: EM {result['em']:.3f} ES {result['es']:.3f} {sum(times) / len(times):.2f} s/case", flush=True)
 
 
 if __name__ == "__main__":
