@@ -14,6 +14,8 @@ def test_cases_cut_whole_lines_from_the_held_out_package():
         k = c.middle.count("\n") + 1
         assert k == 1 if c.kind == "single" else 2 <= k <= 4
         assert c.previous.count("\n") + 1 == k and c.previous in c.prefix
+        # the one-line baseline repeats the last non-blank line before the middle
+        assert c.previous.split("\n")[-1] == [line for line in c.prefix.split("\n") if line.strip()][-1]
 
 
 def test_metrics():
