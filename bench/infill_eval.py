@@ -12,7 +12,7 @@ dgemma's real engine: ``Engine(load_model()).fill(prefix, suffix).completions[0]
 Metrics, on the middle with leading/trailing whitespace stripped:
   exact match; edit similarity = 1 - Levenshtein / max(len) (as CrossCodeEval reports it);
   syntax validity = ``ast.parse`` of the whole file after the fill.
-Baselines: an empty middle; repeating the non-blank line just before the middle (the issue's
+Baselines: an empty middle; repeating the non-blank line just before the middle (the trivial
 baseline, which like the model does not know how long the middle is); and repeating as many
 non-blank lines as the middle has, which reads that count from the reference and so is the
 stronger one on multi-line middles. Prints a markdown table; --write-benchmarks puts it in
