@@ -209,7 +209,7 @@ def main(argv=None) -> None:
         "",
         f"Model: `{loaded.name}` ({n_params / 1e6:.1f} M parameters loaded, {loaded.dtype}, {loaded.device}), "
         f"loaded in {load_s:.2f} s; fill latency median {times[len(times) // 2]:.2f} s, "
-        f"p90 {times[int(len(times) * 0.9)]:.2f} s; sampler {engine.settings.to_dict()} (the checkpoint's generation_config.json).",
+        f"p90 {times[int(len(times) * 0.9)]:.2f} s; sampler {engine.settings.to_dict()} (the checkpoint's generation_config.json and dgemma_sampler.json).",
         f"Machine: {torch.get_num_threads()}-thread CPU run, `{cpu_name()}` (shared with other jobs, so latency is noisy); "
         f"torch {torch.__version__}, Python {sys.version.split()[0]}; {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         f"Command: `python bench/infill_eval.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),

@@ -32,6 +32,24 @@ def slot_candidates(canvas_length: int, max_tokens: int) -> list[int]:
     return sorted({max(1, min(m, cap)) for m in wanted})
 
 
+def line_drafts(prefix: str) -> list[str]:
+    """Seeds for fill rows when the cursor starts a line: the last non-blank line above it and the
+    last two, less the indentation the cursor's line already has. Code repeats itself nearby
+    (the next line is often the previous one with a name changed); a row seeded with such a draft,
+    partly renoised, lets the model write that change instead of a line from nothing. Empty when
+    the cursor is inside a line's code: a whole line is not what comes next there."""
+    head, _, current = prefix.rpartition("\n")
+    if current.strip():
+        return []
+    lines = [line for line in head.split("\n") if line.strip()]
+    drafts = []
+    for k in (1, 2):
+        if len(lines) >= k:
+            text = "\n".join(lines[-k:])
+            drafts.append(text[len(current):] if text.startswith(current) else text.lstrip())
+    return list(dict.fromkeys(drafts))
+
+
 def pinned_tail(suffix_ids: list[int], length: int, eos_id: int, pad_id: int) -> list[int]:
     """The first ``length`` tokens of ``suffix + <eos> + <pad>*``."""
     tail = list(suffix_ids[:length])

@@ -48,8 +48,9 @@ class Interrupt:
             raise DgemmaError("deadline", "The request ran past its deadline.")
 
 
-def encode(model, ids: torch.Tensor, cache: DynamicCache) -> None:
-    """Causal encoder pass that appends ``ids`` (B, L) to ``cache``: prompt prefill and canvas commit."""
+def encode(model, ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    """Causal encoder pass that appends ``ids`` (B, L) to ``cache`` (prompt prefill, canvas commit);
+    returns its final hidden states (B, L, D), which the LM head reads as next-token predictions."""
     start = cache.get_seq_length()
     batch, length = ids.shape
     positions = torch.arange(start, start + length, dtype=torch.int32, device=ids.device).unsqueeze(0)
@@ -59,13 +60,14 @@ def encode(model, ids: torch.Tensor, cache: DynamicCache) -> None:
         config=model.config, inputs_embeds=torch.empty((batch, length, 0), dtype=model.dtype, device=ids.device),
         attention_mask=seen, past_key_values=cache, position_ids=positions,
     )
-    encoder(input_ids=ids.contiguous(), attention_mask=masks, past_key_values=cache, position_ids=positions)
+    return encoder(input_ids=ids.contiguous(), attention_mask=masks, past_key_values=cache,
+                   position_ids=positions).last_hidden_state
 
 
 def expand_cache(cache: DynamicCache, batch: int) -> DynamicCache:
-    """A view of a batch-1 cache for ``batch`` rows; the decoder only reads it, so no copy is made."""
-    if batch == 1:
-        return cache
+    """A view of a batch-1 cache for ``batch`` rows, with no tensor copied. The decoder only reads
+    it; an encoder pass may append to it (the cache layers rebind their tensors on append, never
+    write into them), and the original cache stays as it was."""
     wide = DynamicCache.__new__(DynamicCache)
     wide.__dict__.update(cache.__dict__)
     wide.layers = []

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from dgemma.daemon.canvas import CanvasPlan, plan_rows, slot_candidates, slot_tokens
+from dgemma.daemon.canvas import CanvasPlan, line_drafts, plan_rows, slot_candidates, slot_tokens
 from dgemma.daemon.consensus import agreement
 from dgemma.daemon.denoise import Interrupt, StepState, denoise, encode
 from dgemma.daemon.errors import DgemmaError
 from dgemma.daemon.loading import LoadedModel
 from dgemma.daemon.prefix_cache import PrefixCache, copy_cache, default_budget
 from dgemma.daemon.sampling import SamplerSettings
+from dgemma.daemon.suffix_fit import SUFFIX_FIT_TOKENS, suffix_fit
 from dgemma.quant.plan import PREFILL_CHUNK_TOKENS
 
 MAX_ALTERNATIVES = 8
@@ -32,6 +33,7 @@ class Completion:
     text: str
     score: float  # mean log-probability of the chosen tokens (and the closing <eos>)
     agreement: float  # mean edit similarity of its first canvas to the request's other first-canvas rows
+    fit: float | None  # log p(suffix's first tokens | prefix + first canvas), when ranked by it (suffix_fit.py)
     tokens: int
     finished: bool  # the model closed the middle with <eos> (False: cut by the token budget)
 
@@ -102,7 +104,8 @@ class Engine:
         self.eos_id = _single_id(self.tokenizer.eos_token_id, self.text_config.eos_token_id)
         self.pad_id = _single_id(self.tokenizer.pad_token_id, self.text_config.pad_token_id)
         self.bos_token: str = self.tokenizer.bos_token or ""
-        self.settings = settings or SamplerSettings.from_generation_config(self.model.generation_config)
+        self.settings = settings or SamplerSettings.from_mapping(
+            loaded.sampler, base=SamplerSettings.from_generation_config(self.model.generation_config))
         # Every row of a batch holds a few fp32 (canvas x vocab) logits tensors during a step (the
         # forward's output and softcap, the previous step's self-conditioning logits; sampling itself is
         # chunked): about 1 GiB per row at 262k vocabulary. Rows beyond the budget wait for the next batch.
@@ -121,12 +124,17 @@ class Engine:
             raise DgemmaError("invalid_params", "Nothing to fill: prefix and suffix are both empty.")
         ids, stable = self._context(self.bos_token, prefix)
         suffix_ids = self._encode(suffix)
+        settings = self._settings(settings)
+        drafts = [self._encode(d) for d in line_drafts(prefix)] if settings.draft_strength else []
 
         def plans(block: int, budget: int) -> list[tuple[int, list[int] | None]]:
-            return [(m, None) for m in slot_candidates(self.canvas_length, budget)]
+            lengths = slot_candidates(self.canvas_length, budget)
+            # Drafts seed the first canvas only: later ones continue a middle already begun.
+            return [(m, None) for m in lengths] + [(lengths[-1], d) for d in (drafts if block == 0 else [])]
 
         return self._run(ids, stable, suffix_ids, plans, n=n, max_tokens=max_tokens, seed=seed,
-                         settings=settings, on_step=on_step, cancel=cancel, deadline=deadline, strength=1.0)
+                         settings=settings, on_step=on_step, cancel=cancel, deadline=deadline,
+                         strength=settings.draft_strength)
 
     def edit(self, prefix: str, selection: str, suffix: str, instruction: str, *, n: int = 1,
              strength: float = 0.5, max_tokens: int | None = None, seed: int | None = None,
@@ -191,6 +199,12 @@ class Engine:
             encode(self.model, canvas, cache)
         return ids
 
+    def _settings(self, settings: SamplerSettings | dict | None) -> SamplerSettings:
+        """A request's sampler settings: its overrides over the engine's defaults."""
+        if isinstance(settings, SamplerSettings):
+            return settings
+        return SamplerSettings.from_mapping(settings, base=self.settings)
+
     # ------------------------------------------------------------------ request -> context ids
     def _encode(self, text: str) -> list[int]:
         """Token ids of user text. Special-token spellings in it ("<eos>" in a string literal)
@@ -252,6 +266,7 @@ class Engine:
         if all(seed is None for seed in seeds):
             return plan_rows(noise, [m for m, _ in rows], suffix_ids, self.eos_id, self.pad_id)
         renoise = torch.rand(noise.shape, device=self.device, generator=generator) < strength
+        renoise[[i for i, seed in enumerate(seeds) if seed is None]] = True  # unseeded rows: all noise
         return plan_rows(noise, [m for m, _ in rows], suffix_ids, self.eos_id, self.pad_id,
                          seeds=[seed or [] for seed in seeds], renoise=renoise)
 
@@ -301,38 +316,53 @@ class Engine:
             raise DgemmaError("invalid_params", f"max_tokens must be in 1..{MAX_NEW_TOKENS}, got {max_tokens!r}.")
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
-        if not isinstance(settings, SamplerSettings):
-            settings = SamplerSettings.from_mapping(settings, base=self.settings)
+        settings = self._settings(settings)
         started = time.perf_counter()
         req = _Request(settings=settings, generator=torch.Generator(self.device).manual_seed(int(seed)),
                        interrupt=Interrupt(cancel, deadline), on_step=on_step)
         req.interrupt.check()
         cache, cached = self._prefill(ids, stable)
 
-        # First canvas: every alternative tries every planned layout in one batch. An empty middle
-        # comes last (a request for a fill wants text, and closing at once is the cheapest thing a
-        # model can say), then rows that ran out of slots (they cost another canvas each); among
-        # the rest the rows most like all the others come first (consensus.py).
-        decoded = self._decode_canvas(cache, plans(0, max_tokens) * n, suffix_ids, strength, req)
+        # First canvas: every planned layout, drawn max(n, draws) times, in one batch. An empty
+        # middle comes last (a request for a fill wants text, and closing at once is the cheapest
+        # thing a model can say); then, when the settings rank by it, the row that leads best
+        # into the suffix (suffix_fit.py); then rows that ran out of slots (they cost another
+        # canvas each); then the rows most like all the others (consensus.py).
+        decoded = self._decode_canvas(cache, plans(0, max_tokens) * max(n, settings.draws), suffix_ids,
+                                      strength, req)
         votes = agreement([self._decode(row.tokens) for row in decoded])
+        fits = self._fits(cache, len(ids), decoded, suffix_ids, settings)
         chosen, seen = [], set()
         for i in sorted(range(len(decoded)), reverse=True, key=lambda i: (
-                bool(decoded[i].tokens), decoded[i].finished, votes[i], decoded[i].score)):
+                bool(decoded[i].tokens), fits[i] or 0.0, decoded[i].finished, votes[i], decoded[i].score)):
             if len(chosen) == n:
                 break
             if tuple(decoded[i].tokens) not in seen:
                 seen.add(tuple(decoded[i].tokens))
-                chosen.append((decoded[i], votes[i]))
+                chosen.append((decoded[i], votes[i], fits[i]))
 
         completions = []
-        for row, vote in chosen:
+        for row, vote, fit in chosen:
             branch = cache if len(chosen) == 1 else copy_cache(cache, self.device)
             row = self._continue(branch, len(ids), row, suffix_ids, plans, max_tokens, strength, req)
             completions.append(Completion(text=self._decode(row.tokens), score=row.score, agreement=vote,
-                                          tokens=len(row.tokens), finished=row.finished))
+                                          fit=fit, tokens=len(row.tokens), finished=row.finished))
         return Result(completions=completions, steps=req.steps, canvases=req.canvases, prompt_tokens=len(ids),
                       cached_tokens=cached, ms=(time.perf_counter() - started) * 1000, seed=int(seed),
                       model=self.loaded.name)
+
+    def _fits(self, cache: DynamicCache, context: int, rows: list[_Row], suffix_ids: list[int],
+              settings: SamplerSettings) -> list[float | None]:
+        """Each row's suffix fit, when the settings rank by it (None otherwise, and for empty rows).
+        Identical middles are scored once; the suffix head is cut to what the context still holds."""
+        if settings.rank_by != "suffix_fit":
+            return [None] * len(rows)
+        middles = list(dict.fromkeys(tuple(row.tokens) for row in rows))
+        room = self.context_limit - context - max(len(m) for m in middles)
+        scored = suffix_fit(self.model, cache, [list(m) for m in middles],
+                            suffix_ids[:max(0, min(SUFFIX_FIT_TOKENS, room))], self.pad_id)
+        by_middle = dict(zip(middles, scored))
+        return [by_middle[tuple(row.tokens)] for row in rows]
 
     def _continue(self, cache: DynamicCache, context: int, row: _Row, suffix_ids: list[int],
                   plans: Callable[[int, int], list[tuple[int, list[int] | None]]], max_tokens: int,

@@ -6,8 +6,9 @@ meta device, the vision modules are dropped, and only the text weights are mater
 """
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +23,9 @@ from dgemma.quant.meta import meta_model
 
 BUNDLED_MODEL_DIR = Path(__file__).parent / "bundled"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# dgemma's own sampler defaults for a checkpoint (SamplerSettings keys, e.g. how rows are ranked),
+# which transformers' DiffusionGemmaGenerationConfig would reject as unknown keys.
+SAMPLER_FILE = "dgemma_sampler.json"
 
 
 @dataclass
@@ -32,6 +36,7 @@ class LoadedModel:
     path: Path
     device: torch.device
     dtype: torch.dtype
+    sampler: dict = field(default_factory=dict)  # SAMPLER_FILE's settings, over generation_config.json's
 
 
 def resolve_model_path(model: str | os.PathLike | None = None) -> Path:
@@ -115,4 +120,19 @@ def load_model(model: str | os.PathLike | None = None, *, device: str | torch.de
     # The engine checks prompt length against the model's context itself, with a clearer error.
     tokenizer.model_max_length = 1 << 62
     name = path.name if path != BUNDLED_MODEL_DIR else "dgemma-bundled"
-    return LoadedModel(model=loaded.eval(), tokenizer=tokenizer, name=name, path=path, device=dev, dtype=dt)
+    return LoadedModel(model=loaded.eval(), tokenizer=tokenizer, name=name, path=path, device=dev, dtype=dt,
+                       sampler=read_sampler_file(path))
+
+
+def read_sampler_file(path: Path) -> dict:
+    """The checkpoint's SAMPLER_FILE as a mapping ({} when there is none); the engine validates it."""
+    file = path / SAMPLER_FILE
+    if not file.is_file():
+        return {}
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DgemmaError("model_missing", f"Cannot read {file}: {exc}") from None
+    if not isinstance(values, dict):
+        raise DgemmaError("model_missing", f"{file} must hold a JSON object of sampler settings.")
+    return values

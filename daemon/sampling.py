@@ -6,6 +6,9 @@ from typing import Any
 
 from dgemma.daemon.errors import DgemmaError
 
+MAX_DRAWS = 16
+RANKINGS = ("agreement", "suffix_fit")
+
 
 @dataclass(frozen=True)
 class SamplerSettings:
@@ -17,6 +20,10 @@ class SamplerSettings:
     entropy_bound: float = 0.1
     stability_threshold: int = 1
     confidence_threshold: float = 0.005
+    # Not DiffusionGemma's: how dgemma picks among the rows of a fill (engine.md, "Choosing a row").
+    draws: int = 1  # canvases drawn per middle length; the n alternatives are the best distinct ones
+    rank_by: str = "agreement"  # or "suffix_fit" (suffix_fit.py), for checkpoints whose encoder predicts
+    draft_strength: float = 0.0  # > 0: fills also start rows from nearby lines, this share renoised
 
     def __post_init__(self) -> None:
         problems = []
@@ -30,6 +37,12 @@ class SamplerSettings:
             problems.append("stability_threshold must be an integer >= 0")
         if not self.confidence_threshold > 0:
             problems.append("confidence_threshold must be > 0")
+        if not isinstance(self.draws, int) or not 1 <= self.draws <= MAX_DRAWS:
+            problems.append(f"draws must be an integer in 1..{MAX_DRAWS}")
+        if not 0.0 <= self.draft_strength < 1.0:
+            problems.append("draft_strength must be in [0, 1)")
+        if self.rank_by not in RANKINGS:
+            problems.append(f"rank_by must be one of {', '.join(RANKINGS)}")
         if problems:
             raise DgemmaError("invalid_params", "Invalid sampler settings: " + "; ".join(problems) + ".")
 

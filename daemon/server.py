@@ -669,7 +669,8 @@ def engine_kwargs(method: str, params: dict[str, Any], limits: Any) -> dict[str,
 def result_payload(res: Any, model_name: str | None) -> dict[str, Any]:
     """An engine Result as the wire's `result` map."""
     return {
-        "completions": [{"text": c.text, "score": float(c.score), "agreement": float(c.agreement)}
+        "completions": [{"text": c.text, "score": float(c.score), "agreement": float(c.agreement),
+                         "fit": None if getattr(c, "fit", None) is None else float(c.fit)}
                         for c in res.completions],
         "model": model_name or getattr(res, "model", None),
         "steps": int(res.steps),

@@ -24,8 +24,8 @@ def loaded():
 def test_package_data_is_small():
     size = (BUNDLED / "model.safetensors").stat().st_size
     assert size < 30 * 1024 * 1024
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "CORPUS.txt", "MODEL_CARD.md"):
+    for name in ("config.json", "generation_config.json", "dgemma_sampler.json", "tokenizer.json",
+                 "tokenizer_config.json", "CORPUS.txt", "MODEL_CARD.md"):
         assert (BUNDLED / name).is_file(), name
 
 

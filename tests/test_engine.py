@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dgemma.daemon.canvas import plan_rows, slot_candidates
+from dgemma.daemon.canvas import line_drafts, plan_rows, slot_candidates
 from dgemma.daemon.denoise import denoise, encode
 from dgemma.daemon.engine import Engine
 from dgemma.daemon.errors import DgemmaError
@@ -84,10 +84,40 @@ def test_slot_candidates_fit_the_canvas() -> None:
     assert slot_candidates(256, 10) == [10]
 
 
+def test_line_drafts_are_the_lines_above_a_line_start() -> None:
+    assert line_drafts("def f():\n    x = 1\n\n    y = 2\n") == ["    y = 2", "    x = 1\n    y = 2"]
+    # The cursor's own indentation is already in the prefix; a draft that does not share it loses its own.
+    assert line_drafts("def f():\n    x = 1\n    ") == ["x = 1", "def f():\n    x = 1"]
+    assert line_drafts("if a:\n        b()\n    ") == ["    b()", "if a:\n        b()"]
+    assert line_drafts("x = 1\n") == ["x = 1"]
+    assert line_drafts("def f():\n    x = fo") == []  # mid-line: no whole-line drafts
+    assert line_drafts("") == []
+
+
+def test_plan_seeds_draft_rows_and_leaves_the_others_noise(engine: Engine) -> None:
+    seed = [40, 41, 42, 43, 44, 45]
+    m = engine.canvas_length - 2
+    plan = engine._plan([(m, None), (m, seed)], [7, 8], 0.25, torch.Generator().manual_seed(0))
+    kept = torch.tensor(seed + [engine.eos_id] + [engine.pad_id] * (m - len(seed) - 1))
+    # A plain row starts from noise, not from an empty seed's <eos> <pad>...
+    assert (plan.tokens[0, :m] == engine.pad_id).sum() < m // 2
+    assert (plan.tokens[1, :m] == kept).float().mean() > 0.5
+    assert plan.tokens[1, m:].tolist() == [7, 8]
+
+
+def test_fill_with_line_drafts(engine: Engine) -> None:
+    settings = {**FAST, "draft_strength": 0.25, "rank_by": "suffix_fit"}
+    a = engine.fill("def f(a):\n    x = a + 1\n", "\n    return x\n", max_tokens=12, seed=3, settings=settings)
+    b = engine.fill("def f(a):\n    x = a + 1\n", "\n    return x\n", max_tokens=12, seed=3, settings=settings)
+    assert a.completions and [c.text for c in a.completions] == [c.text for c in b.completions]
+
+
 def test_fill_returns_ranked_alternatives(engine: Engine) -> None:
     res = engine.fill("def add(a, b):\n    return", "\n", n=3, max_tokens=20, seed=4, settings=FAST)
     assert 1 <= len(res.completions) <= 3
-    # Best first: the rows the others agree with (consensus.py); an empty middle last.
+    # Best first: the rows the others agree with (consensus.py); an empty middle last. This
+    # checkpoint ranks by agreement, so no fit is measured.
+    assert all(c.fit is None for c in res.completions)
     keys = [(bool(c.text), c.agreement) for c in res.completions]
     assert keys == sorted(keys, reverse=True)
     assert all(0.0 <= c.agreement <= 1.0 for c in res.completions)
@@ -175,6 +205,9 @@ def test_long_selection_is_rewritten_block_by_block(engine: Engine) -> None:
     (lambda e: e.fill("a", "", max_tokens=0), "invalid_params"),
     (lambda e: e.fill("a", "", settings={"t_min": 0.9, "t_max": 0.5}), "invalid_params"),
     (lambda e: e.fill("a", "", settings={"temperature": 1.0}), "invalid_params"),
+    (lambda e: e.fill("a", "", settings={"draws": 0}), "invalid_params"),
+    (lambda e: e.fill("a", "", settings={"rank_by": "longest"}), "invalid_params"),
+    (lambda e: e.fill("a", "", settings={"draft_strength": 1.0}), "invalid_params"),
     (lambda e: e.fill(b"a", ""), "invalid_params"),
     (lambda e: e.edit("a", "b", "c", "   "), "invalid_params"),
     (lambda e: e.edit("a", "b", "c", "go", strength=2.0), "invalid_params"),
@@ -257,8 +290,17 @@ def test_checkpoint_sampler_defaults_are_used(tmp_path) -> None:
     config = json.loads((path / "generation_config.json").read_text())
     config.update(max_denoising_steps=7, t_max=0.7, t_min=0.3)
     (path / "generation_config.json").write_text(json.dumps(config))
+    (path / "dgemma_sampler.json").write_text(json.dumps({"draws": 2, "rank_by": "suffix_fit", "t_min": 0.2}))
     settings = Engine(load_model(path, device="cpu")).settings
-    assert (settings.max_denoising_steps, settings.t_max, settings.t_min) == (7, 0.7, 0.3)
+    assert (settings.max_denoising_steps, settings.t_max, settings.t_min) == (7, 0.7, 0.2)
+    assert (settings.draws, settings.rank_by) == (2, "suffix_fit")
+    (path / "dgemma_sampler.json").write_text(json.dumps({"rank_by": "longest"}))
+    with pytest.raises(DgemmaError, match="rank_by must be one of"):
+        Engine(load_model(path, device="cpu"))
+    (path / "dgemma_sampler.json").write_text("[1, 2]")
+    with pytest.raises(DgemmaError, match="JSON object"):
+        load_model(path, device="cpu")
+    (path / "dgemma_sampler.json").unlink()
     shutil.move(path / "tokenizer.json", tmp_path / "elsewhere.json")
     with pytest.raises(DgemmaError, match="no tokenizer"):
         load_model(path, device="cpu")

@@ -118,5 +118,7 @@ def test_short_run_writes_a_servable_checkpoint(tmp_path):
     assert state["step"] == 4  # the step-2 checkpoint was in the next-token phase: never "best"
     assert math.isfinite(state["val_loss"]) and math.isfinite(state["val_next_token_loss"])
     engine = Engine(load_model(str(tmp_path / "best"), device="cpu"))
+    assert engine.settings.rank_by == "suffix_fit"  # the checkpoint carries the bundled model's row choice
     result = engine.fill("def add(a, b):\n", "\n", max_tokens=8, seed=0)
-    assert result.completions and result.canvases >= 1
+    best = result.completions[0]
+    assert result.canvases >= 1 and (best.fit is not None) == bool(best.text)  # an empty middle has no fit

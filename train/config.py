@@ -8,11 +8,16 @@ shipped checkpoint does not contain its weights).
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from transformers import DiffusionGemmaConfig, DiffusionGemmaTextConfig, Gemma4VisionConfig
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     DiffusionGemmaGenerationConfig,
     EntropyBoundSamplerConfig,
 )
+
+from dgemma.daemon.loading import SAMPLER_FILE
 
 VOCAB_SIZE = 8192
 CANVAS_LENGTH = 64
@@ -97,3 +102,18 @@ def generation_config() -> DiffusionGemmaGenerationConfig:
         pad_token_id=PAD_ID,
         eos_token_id=EOS_ID,
     )
+
+
+def sampler_defaults() -> dict:
+    """dgemma's own settings for the bundled model (daemon/loading.py's SAMPLER_FILE): three draws
+    of every middle length, plus rows seeded with the lines above the cursor (a quarter renoised),
+    ranked by how well each leads into the suffix under the encoder, which train.train teaches to
+    predict the next token (daemon/suffix_fit.py). Picked on development packages (werkzeug,
+    flask), never on the benchmark's: BENCHMARKS.md, "Bundled model quality"."""
+    return {"draws": 3, "rank_by": "suffix_fit", "draft_strength": 0.25}
+
+
+def save_sampler_config(path: Path) -> None:
+    """Write both sampler files of a checkpoint directory."""
+    generation_config().save_pretrained(str(path))
+    (path / SAMPLER_FILE).write_text(json.dumps(sampler_defaults(), indent=2) + "\n")

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from train.config import VOCAB_SIZE, generation_config, model_config
+from train.config import VOCAB_SIZE, model_config, save_sampler_config
 from train.corpus import MANIFEST, manifest_mismatch, read_sources, split
 from train.data import Batcher, ExampleMaker, collate, lm_batch
 from train.head_loss import softcapped_cross_entropy
@@ -138,7 +138,7 @@ def evaluate(model, val_batches, val_fills, tok, seed: int = 0):
 def save_checkpoint(model, path: Path, meta: dict) -> None:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path), safe_serialization=True)
-    generation_config().save_pretrained(str(path))
+    save_sampler_config(path)
     for name in TOKENIZER_FILES:  # a checkpoint directory must be loadable on its own
         if (BUNDLED / name).is_file():
             shutil.copy(BUNDLED / name, path / name)
@@ -159,7 +159,7 @@ def ship(src: Path, dst: Path = BUNDLED, dtype: str = "bfloat16") -> None:
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
     os.chmod(dst / "model.safetensors", 0o644)  # package data: world-readable
     cfg.save_pretrained(str(dst))
-    generation_config().save_pretrained(str(dst))
+    save_sampler_config(dst)
     meta = json.loads((src / "train_state.json").read_text())
     (dst / "train_state.json").write_text(json.dumps(meta, indent=2) + "\n")
     log(f"shipped {src} -> {dst} ({(dst / 'model.safetensors').stat().st_size / 1e6:.1f} MB)")
