@@ -20,9 +20,10 @@ class SamplerSettings:
     entropy_bound: float = 0.1
     stability_threshold: int = 1
     confidence_threshold: float = 0.005
-    # Not DiffusionGemma's: how dgemma picks among the rows of a fill (engine.md, "Choosing a row").
+    # Not DiffusionGemma's: which rows dgemma decodes for a request and how it picks among them
+    # (docs/engine.md, "Choosing a row"); a checkpoint's dgemma_sampler.json may set them.
     draws: int = 1  # canvases drawn per middle length; the n alternatives are the best distinct ones
-    rank_by: str = "agreement"  # or "suffix_fit" (suffix_fit.py), for checkpoints whose encoder predicts
+    rank_by: str = "agreement"  # or "suffix_fit" (suffix_fit.py): needs an encoder that predicts the next token
     draft_strength: float = 0.0  # > 0: fills also start rows from nearby lines, this share renoised
 
     def __post_init__(self) -> None:
