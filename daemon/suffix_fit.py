@@ -7,7 +7,8 @@ model over the same weights, so it can read prefix + middle and say how expected
 tokens are next: a middle that stops too early, runs on, or does not connect makes them unlikely.
 That log-probability is the row's *fit*. It needs an encoder trained to predict the next token
 (the bundled model is: train/train.py adds a next-token loss on the encoder pass), so checkpoints
-opt in with ``rank_by: "suffix_fit"`` in their generation config.
+opt in with ``rank_by: "suffix_fit"`` in their dgemma_sampler.json (daemon/loading.py), or a
+request does in its settings.
 """
 from __future__ import annotations
 
