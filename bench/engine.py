@@ -62,7 +62,7 @@ def loop_overhead(engine: Engine, steps: int, repeats: int) -> tuple[float, floa
 
     def bare() -> None:
         for _ in range(steps):
-            model(decoder_input_ids=plan.tokens, self_conditioning_logits=sc, past_key_values=wide,
+            model(decoder_input_ids=plan.tokens, self_conditioning_logits=sc, cache=wide,
                   decoder_position_ids=positions)
 
     return loop, median_time(bare, repeats) / steps, len(slots)

@@ -58,9 +58,9 @@ def encode(model, ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
     encoder = model.model.encoder
     masks = encoder.create_masks_for_generate(
         config=model.config, inputs_embeds=torch.empty((batch, length, 0), dtype=model.dtype, device=ids.device),
-        attention_mask=seen, past_key_values=cache, position_ids=positions,
+        attention_mask=seen, cache=cache, position_ids=positions,
     )
-    return encoder(input_ids=ids.contiguous(), attention_mask=masks, past_key_values=cache,
+    return encoder(input_ids=ids.contiguous(), attention_mask=masks, cache=cache,
                    position_ids=positions).last_hidden_state
 
 
@@ -116,7 +116,7 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
         if interrupt is not None:
             interrupt.check()
         steps += 1
-        logits = model(decoder_input_ids=current, self_conditioning_logits=sc_logits, past_key_values=cache,
+        logits = model(decoder_input_ids=current, self_conditioning_logits=sc_logits, cache=cache,
                        decoder_position_ids=positions).logits
         temperature = settings.temperature(steps_left)
         logits.div_(temperature)  # a fresh fp32 tensor: no copy needed

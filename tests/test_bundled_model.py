@@ -3,7 +3,6 @@ documented shape, and fills a gap on CPU."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,21 @@ def test_package_data_is_small():
         assert (BUNDLED / name).is_file(), name
 
 
-def test_loads_fast_and_offline(monkeypatch):
+def test_loads_offline(monkeypatch):
+    """No download and no network: any connection attempt fails the load. (How fast it loads is
+    measured by bench/infill_eval.py and recorded in BENCHMARKS.md, not asserted here.)"""
+    import socket
+
     from dgemma.daemon.loading import load_model
 
+    def no_network(*args, **kwargs):
+        raise AssertionError("the bundled model must load without the network")
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    load_model(device="cpu")  # warm imports and file cache
-    t = time.perf_counter()
-    load_model(device="cpu")
-    assert time.perf_counter() - t < 2.0
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    loaded = load_model(device="cpu")
+    assert loaded.model.config.model_type == "diffusion_gemma"
 
 
 def test_documented_shape(loaded):

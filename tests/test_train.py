@@ -89,7 +89,7 @@ def test_packed_corpus_reads_back_as_its_manifest(tmp_path, monkeypatch):
     the manifest written for them."""
     import tarfile
 
-    from train.corpus import is_stdlib, manifest_mismatch, pack, read_sources, write_manifest
+    from train.corpus import is_stdlib, manifest_mismatch, pack, pins, read_sources, write_manifest
 
     here = read_sources()
     packaged = [s for s in here if not is_stdlib(s[0])]
@@ -103,8 +103,15 @@ def test_packed_corpus_reads_back_as_its_manifest(tmp_path, monkeypatch):
     assert read_sources() == subset
     write_manifest(tmp_path / "CORPUS.txt", subset)
     assert manifest_mismatch(read_sources(), tmp_path / "CORPUS.txt") is None
+    # a newer version of a package: the same file names, other contents
+    (tmp_path / "root" / packaged[1][0]).write_text(packaged[1][1] + "\n# changed\n", encoding="utf-8")
+    assert "other contents" in manifest_mismatch(read_sources(), tmp_path / "CORPUS.txt")
     (tmp_path / "root" / packaged[0][0]).unlink()
     assert "1 listed files missing" in manifest_mismatch(read_sources(), tmp_path / "CORPUS.txt")
+    # what reproduces the packages' side exactly: this environment's versions, as pip requirements
+    import importlib.metadata
+
+    assert f"transformers=={importlib.metadata.version('transformers')}" in pins(tmp_path / "CORPUS.txt")
 
 
 def test_short_run_writes_a_servable_checkpoint(tmp_path):

@@ -10,11 +10,14 @@ bench/infill_eval.py) and `typer` (a thin layer over click) are never part of it
 
 Files under test/, tests/, testing/, _vendor/ (copies of other packages) and idlelib/ are
 excluded, and so are EXCLUDED_PATHS and package files over MAX_FILE_CHARS (generated tables).
-The list is sorted; daemon/bundled/CORPUS.txt records the files (and package versions) the
-shipped model was trained on. To train on another machine (a lent GPU, another Python) on
-exactly those files:
+The list is sorted; daemon/bundled/CORPUS.txt records the files, the package versions and a
+digest of the contents the shipped model was trained on (train.train logs whether it reads
+exactly those). A fresh install may bring newer package versions, hence other files; to train on
+exactly the shipped corpus, install its versions here, or pack the files and train elsewhere
+(a lent GPU, another Python):
 
-    python -m train.corpus pack corpus.tar.gz       # here: the corpus files, by relative path
+    pip install $(python -m train.corpus pins)      # the manifest's package versions
+    python -m train.corpus pack corpus.tar.gz       # the corpus files, by relative path
     tar xzf corpus.tar.gz -C /tmp/corpus && DGEMMA_CORPUS_ROOT=/tmp/corpus python -m train.train ...
 """
 from __future__ import annotations
@@ -49,6 +52,8 @@ EXCLUDED_PATHS = (f"{PACKAGES_DIR}/transformers/models/",) + tuple(
     f"{PACKAGES_DIR}/torch/{d}/" for d in ("_inductor", "_dynamo", "distributed", "ao", "_functorch", "onnx", "fx",
                                           "_higher_order_ops", "_export", "export"))
 MAX_FILE_CHARS = 300_000
+PACKAGES_LABEL = "Packages (under site-packages/): "
+DIGEST_LABEL = "Contents sha256: "
 
 
 MANIFEST = Path(__file__).resolve().parent.parent / "daemon" / "bundled" / "CORPUS.txt"
@@ -124,17 +129,26 @@ def package_versions() -> list[str]:
     return out
 
 
+def digest(sources: list[tuple[str, str]]) -> str:
+    """sha256 over every (path, text): equal exactly when the corpus is the same, file for file."""
+    h = hashlib.sha256()
+    for rel, text in sources:
+        h.update(f"{rel}\0{len(text)}\0".encode() + text.encode("utf-8"))
+    return h.hexdigest()
+
+
 def write_manifest(path: Path, sources: list[tuple[str, str]]) -> None:
     train, val = split(sources)
     val_set = {r for r, _ in val}
     lines = [
         "dgemma bundled model: training corpus",
         f"Python {sys.version.split()[0]} ({sys.implementation.name}), standard library at {stdlib_root()}",
-        "Packages (under site-packages/): " + ", ".join(package_versions()),
+        PACKAGES_LABEL + ", ".join(package_versions()),
         "Excluded directories: " + ", ".join(sorted(EXCLUDED_PARTS)) + "; paths "
         + ", ".join(EXCLUDED_PATHS) + f"; files over {MAX_FILE_CHARS} characters",
         f"{len(sources)} files ({sum(len(t) for _, t in sources)} characters); "
         f"{len(train)} train, {len(val)} validation (marked 'val')",
+        f"{DIGEST_LABEL}{digest(sources)}",
         "Tokenizer trained on the standard-library files below (those not under site-packages/), "
         "validation files included; model trained on the train files only.",
         "",
@@ -144,15 +158,35 @@ def write_manifest(path: Path, sources: list[tuple[str, str]]) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def manifest_mismatch(sources: list[tuple[str, str]], path: Path = MANIFEST) -> str | None:
-    """Why `sources` are not the files the manifest lists (None when they are)."""
+def _manifest(path: Path) -> tuple[list[str], list[str]]:
+    """(header lines, listed files) of a manifest."""
     lines = path.read_text(encoding="utf-8").split("\n")
-    listed = [line.split("\t")[0] for line in lines[lines.index("") + 1:] if line]
+    end = lines.index("")
+    return lines[:end], [line.split("\t")[0] for line in lines[end + 1:] if line]
+
+
+def manifest_mismatch(sources: list[tuple[str, str]], path: Path = MANIFEST) -> str | None:
+    """Why `sources` are not the corpus the manifest lists (None when they are)."""
+    header, listed = _manifest(path)
     have = [rel for rel, _ in sources]
-    if have == listed:
-        return None
-    missing, extra = sorted(set(listed) - set(have)), sorted(set(have) - set(listed))
-    return f"{len(missing)} listed files missing (e.g. {missing[:3]}), {len(extra)} unlisted (e.g. {extra[:3]})"
+    if have != listed:
+        missing, extra = sorted(set(listed) - set(have)), sorted(set(have) - set(listed))
+        return f"{len(missing)} listed files missing (e.g. {missing[:3]}), {len(extra)} unlisted (e.g. {extra[:3]})"
+    recorded = [line[len(DIGEST_LABEL):] for line in header if line.startswith(DIGEST_LABEL)]
+    if recorded and recorded[0] != digest(sources):
+        return "the same files with other contents (other package versions?)"
+    return None
+
+
+def pins(path: Path = MANIFEST) -> list[str]:
+    """pip requirements for the package versions the manifest's corpus was read from."""
+    header, _ = _manifest(path)
+    listed = next(line for line in header if line.startswith(PACKAGES_LABEL))[len(PACKAGES_LABEL):]
+    out = []
+    for entry in listed.split(", "):
+        name, version = entry.split(" ")
+        out.append(f"{PACKAGES[name]}=={version.split('+')[0]}")  # torch's "+cpu" is the wheel's, not pip's
+    return out
 
 
 def pack(out: Path, sources: list[tuple[str, str]] | None = None) -> None:
@@ -169,6 +203,11 @@ def pack(out: Path, sources: list[tuple[str, str]] | None = None) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["pack"])
-    ap.add_argument("out", type=Path)
-    pack(ap.parse_args().out)
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("pack", help="write the corpus files into a .tar.gz").add_argument("out", type=Path)
+    sub.add_parser("pins", help="print the manifest's package versions as pip requirements")
+    args = ap.parse_args()
+    if args.command == "pack":
+        pack(args.out)
+    else:
+        print("\n".join(pins()))

@@ -36,7 +36,7 @@ def quick_fill(model, tok, prefix: str, suffix: str, m: int = 32, steps: int = 1
     for s in range(steps):
         if s > 0:
             sc = pinned_onehot_logits(logits, target, pinned)
-            logits = model(past_key_values=cache, decoder_input_ids=canvas,
+            logits = model(cache=cache, decoder_input_ids=canvas,
                            self_conditioning_logits=sc).logits
         probs = logits[0, :m].float().softmax(-1)
         ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1)

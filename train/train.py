@@ -1,7 +1,7 @@
 """Train the small DiffusionGemma code model that dgemma bundles.
 
-    bash train/recipe.sh runs/bundled        # what shipped: three runs on a 2-core CPU, ~5 hours
-    python -m train.train --minutes 100 --no-bf16 --threads 2 --lm-phase 0.3 --out runs/a    # one run
+    bash train/recipe.sh runs/bundled        # what shipped: tokenizer + one 115-minute run, ~2 hours
+    python -m train.train --minutes 115 --no-bf16 --threads 2 --lm-phase 0.3 --out runs/a    # that run
     python -m train.train --steps 4000 --out runs/a            # step-based, fully deterministic
     python -m train.train --init-from runs/a/best --lm-phase 0 --lr 1e-3 --out runs/b   # continue
     python -m train.train --ship runs/b/best                   # copy into daemon/bundled
