@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # train/ is a folder beside the package, not installed
+sys.path.append(str(ROOT))  # train/ is a folder beside the package; behind site-packages (dgemma/__init__.py)
 
 from dgemma.daemon.consensus import edit_similarity  # noqa: E402  (the engine's own measure)
 from train.corpus import PACKAGES as CORPUS_PACKAGES  # noqa: E402

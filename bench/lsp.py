@@ -67,7 +67,7 @@ def machine() -> str:
 
 
 def tiny_model(folder: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.append(str(ROOT / "tests"))
     from tiny import build_tiny_checkpoint  # the tests' tiny random checkpoint
 
     return build_tiny_checkpoint(folder / "tiny")

@@ -22,6 +22,7 @@ from dgemma.daemon.loading import LoadedModel
 from dgemma.daemon.prefix_cache import PrefixCache, copy_cache, default_budget
 from dgemma.daemon.sampling import SamplerSettings
 from dgemma.daemon.suffix_fit import SUFFIX_FIT_TOKENS, suffix_fit
+from dgemma.daemon.window import Cut, cut_prefix, cut_suffix
 from dgemma.quant.plan import PREFILL_CHUNK_TOKENS
 
 MAX_ALTERNATIVES = 8
@@ -52,6 +53,8 @@ class Result:
     canvases: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    prefix_dropped: int = 0  # characters at the start of the prefix the model did not see (daemon/window.py)
+    suffix_dropped: int = 0  # characters at the end of the suffix it did not see
     ms: float = 0.0
     seed: int = 0
     model: str = ""
@@ -104,6 +107,8 @@ class Engine:
         self.eos_id = _single_id(self.tokenizer.eos_token_id, self.text_config.eos_token_id)
         self.pad_id = _single_id(self.tokenizer.pad_token_id, self.text_config.pad_token_id)
         self.bos_token: str = self.tokenizer.bos_token or ""
+        # What one token can span, for cutting huge texts by characters before tokenizing them.
+        self.max_token_chars = max(1, max(map(len, self.tokenizer.get_vocab())))
         self.settings = settings or SamplerSettings.from_mapping(
             loaded.sampler, base=SamplerSettings.from_generation_config(self.model.generation_config))
         # Every row of a batch holds a few fp32 (canvas x vocab) logits tensors during a step (the
@@ -120,10 +125,13 @@ class Engine:
              cancel: object | None = None, deadline: float | None = None) -> Result:
         """The middle between ``prefix`` and ``suffix``: n alternatives, best first."""
         _check_text(prefix=prefix, suffix=suffix)
+        _check_counts(n, max_tokens)
         if not prefix and not suffix:
             raise DgemmaError("invalid_params", "Nothing to fill: prefix and suffix are both empty.")
-        ids, stable = self._context(self.bos_token, prefix)
-        suffix_ids = self._encode(suffix)
+        # Room after the prefix: the canvases max_tokens can take, and the suffix head scored after them.
+        room = self.canvas_length * math.ceil(min(max_tokens, MAX_NEW_TOKENS) / self.canvas_length)
+        ids, stable, window = self._context(self.bos_token, prefix, room + SUFFIX_FIT_TOKENS)
+        suffix = self._suffix(suffix)
         settings = self._settings(settings)
         drafts = [self._encode(d) for d in line_drafts(prefix)] if settings.draft_strength else []
 
@@ -132,9 +140,9 @@ class Engine:
             # Drafts seed the first canvas only: later ones continue a middle already begun.
             return [(m, None) for m in lengths] + [(lengths[-1], d) for d in (drafts if block == 0 else [])]
 
-        return self._run(ids, stable, suffix_ids, plans, n=n, max_tokens=max_tokens, seed=seed,
+        return self._run(ids, stable, suffix.ids, plans, n=n, max_tokens=max_tokens, seed=seed,
                          settings=settings, on_step=on_step, cancel=cancel, deadline=deadline,
-                         strength=settings.draft_strength)
+                         strength=settings.draft_strength, dropped=(window.dropped, suffix.dropped))
 
     def edit(self, prefix: str, selection: str, suffix: str, instruction: str, *, n: int = 1,
              strength: float = 0.5, max_tokens: int | None = None, seed: int | None = None,
@@ -142,19 +150,26 @@ class Engine:
              cancel: object | None = None, deadline: float | None = None) -> Result:
         """A rewrite of ``selection`` following ``instruction``; canvases start from the selection."""
         _check_text(prefix=prefix, selection=selection, suffix=suffix, instruction=instruction)
+        _check_counts(n, max_tokens)
         if not instruction.strip():
             raise DgemmaError("invalid_params", "The edit instruction is empty.")
         if not 0.0 <= strength <= 1.0:
             raise DgemmaError("invalid_params", f"strength must be in [0, 1], got {strength}.")
-        ids, stable = self._context(self._instruction_prompt(instruction), prefix)
-        suffix_ids = self._encode(suffix)
-        selection_ids = self._encode(selection)
         canvas = self.canvas_length
+        if len(selection) > self.context_limit * self.max_token_chars:  # surely too many tokens
+            raise self._selection_too_large(f"{len(selection)} characters")
+        selection_ids = self._encode(selection)
         longest = slot_candidates(canvas, canvas)[-1]
         slack = max(8, len(selection_ids) // 4)
         # All but the last block rewrite a full canvas of the selection; the last one gets slack to
         # grow and the pinned suffix after it.
         full_blocks = max(0, math.ceil((len(selection_ids) + slack - longest) / canvas))
+        # Every block but the last is committed to the context before the next is decoded.
+        room = (full_blocks + 1) * canvas + SUFFIX_FIT_TOKENS
+        if room >= self.context_limit:
+            raise self._selection_too_large(f"{len(selection_ids)} tokens")
+        ids, stable, window = self._context(self._instruction_prompt(instruction), prefix, room)
+        suffix = self._suffix(suffix)
         chunks = [selection_ids[i * canvas:(i + 1) * canvas] for i in range(full_blocks)]
         last = selection_ids[full_blocks * canvas:]
 
@@ -165,9 +180,14 @@ class Engine:
                 return [(min(longest, len(last) + slack, budget), last)]
             return []  # the selection is rewritten: no further canvases
 
-        budget = max_tokens if max_tokens is not None else len(selection_ids) + slack + canvas
-        return self._run(ids, stable, suffix_ids, plans, n=n, max_tokens=budget, seed=seed, settings=settings,
-                         on_step=on_step, cancel=cancel, deadline=deadline, strength=strength)
+        budget = max_tokens if max_tokens is not None else min(MAX_NEW_TOKENS, len(selection_ids) + slack + canvas)
+        return self._run(ids, stable, suffix.ids, plans, n=n, max_tokens=budget, seed=seed, settings=settings,
+                         on_step=on_step, cancel=cancel, deadline=deadline, strength=strength,
+                         dropped=(window.dropped, suffix.dropped))
+
+    def _selection_too_large(self, size: str) -> DgemmaError:
+        return DgemmaError("too_large", f"The selection is {size}: rewriting it needs more than the model's "
+                           f"context of {self.context_limit} tokens. Select fewer lines.")
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, *, max_new_tokens: int = 256, seed: int = 0,
@@ -209,9 +229,7 @@ class Engine:
     def _encode(self, text: str) -> list[int]:
         """Token ids of user text. Special-token spellings in it ("<eos>" in a string literal)
         stay text: only the engine places special tokens."""
-        if not text:
-            return []
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return self._encode_offsets(text)[0]
 
     def _instruction_prompt(self, instruction: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
@@ -219,21 +237,36 @@ class Engine:
                                                       add_generation_prompt=True)
         return f"{self.bos_token}{instruction}\n\n"
 
-    def _context(self, head: str, code: str) -> tuple[list[int], int]:
-        """Token ids of ``head`` (special tokens parsed: <bos>, the chat template) followed by
-        ``code``, and how many leading ids are *stable*: they end before the whitespace run
-        holding the code's last newline, so typing on the current line cannot change them.
-        Prefill always splits there, which makes a prefix-cache hit compute exactly what a cold
-        run computes."""
-        head_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"] if head else []
-        enc = self.tokenizer(code, add_special_tokens=False, split_special_tokens=True,
-                             return_offsets_mapping=True)
-        ids = head_ids + enc["input_ids"]
-        if len(ids) + self.canvas_length > self.context_limit:
-            raise DgemmaError("too_large", f"The prompt is {len(ids)} tokens; with one {self.canvas_length}-token "
-                              f"canvas it exceeds the model's context of {self.context_limit}. Send less context.")
-        cut = len(code[: code.rfind("\n")].rstrip()) if "\n" in code else 0
-        return ids, len(head_ids) + sum(1 for _, end in enc["offset_mapping"] if end <= cut)
+    def _encode_special(self, text: str) -> list[int]:
+        """Token ids of engine-made text (<bos>, the chat template): special tokens parsed."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        if not text:
+            return [], []
+        enc = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
+
+    def _context(self, head: str, code: str, room: int) -> tuple[list[int], int, Cut]:
+        """Token ids of ``head`` followed by the window of ``code`` that leaves ``room`` tokens of
+        the context free (daemon/window.py), how many leading ids are *stable*, and the cut. Stable
+        ids end before the whitespace run holding the window's last newline, so typing on the
+        current line cannot change them. Prefill always splits there, which makes a prefix-cache
+        hit compute exactly what a cold run computes."""
+        head_ids = self._encode_special(head) if len(head) <= self.context_limit * self.max_token_chars else None
+        budget = self.context_limit - len(head_ids) - room if head_ids is not None else -1
+        if budget < 0:
+            raise DgemmaError("too_large", f"The instruction and the answer's {room} tokens are "
+                              f"together more than the model's context of {self.context_limit}. Shorten the "
+                              "instruction, or select fewer lines.")
+        window = cut_prefix(code, budget, self._encode_offsets, self.max_token_chars)
+        text = code[window.start:]
+        cut = len(text[: text.rfind("\n")].rstrip()) if "\n" in text else 0
+        return head_ids + window.ids, len(head_ids) + sum(1 for _, end in window.offsets if end <= cut), window
+
+    def _suffix(self, suffix: str) -> Cut:
+        """The suffix's head: a canvas pins at most its first canvas_length tokens."""
+        return cut_suffix(suffix, self.canvas_length, self._encode_offsets, self.max_token_chars)
 
     @torch.no_grad()
     def _prefill(self, ids: list[int], stable: int) -> tuple[DynamicCache, int]:
@@ -309,11 +342,8 @@ class Engine:
     def _run(self, ids: list[int], stable: int, suffix_ids: list[int],
              plans: Callable[[int, int], list[tuple[int, list[int] | None]]], *, n: int, max_tokens: int,
              seed: int | None, settings: SamplerSettings | dict | None, on_step: Callable[[Draft], None] | None,
-             cancel: object | None, deadline: float | None, strength: float) -> Result:
-        if not isinstance(n, int) or not 1 <= n <= MAX_ALTERNATIVES:
-            raise DgemmaError("invalid_params", f"n must be an integer in 1..{MAX_ALTERNATIVES}, got {n!r}.")
-        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_NEW_TOKENS:
-            raise DgemmaError("invalid_params", f"max_tokens must be in 1..{MAX_NEW_TOKENS}, got {max_tokens!r}.")
+             cancel: object | None, deadline: float | None, strength: float,
+             dropped: tuple[int, int] = (0, 0)) -> Result:
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
         settings = self._settings(settings)
@@ -348,8 +378,8 @@ class Engine:
             completions.append(Completion(text=self._decode(row.tokens), score=row.score, agreement=vote,
                                           fit=fit, tokens=len(row.tokens), finished=row.finished))
         return Result(completions=completions, steps=req.steps, canvases=req.canvases, prompt_tokens=len(ids),
-                      cached_tokens=cached, ms=(time.perf_counter() - started) * 1000, seed=int(seed),
-                      model=self.loaded.name)
+                      cached_tokens=cached, prefix_dropped=dropped[0], suffix_dropped=dropped[1],
+                      ms=(time.perf_counter() - started) * 1000, seed=int(seed), model=self.loaded.name)
 
     def _fits(self, cache: DynamicCache, context: int, rows: list[_Row], suffix_ids: list[int],
               settings: SamplerSettings) -> list[float | None]:
@@ -408,3 +438,10 @@ def _check_text(**values: object) -> None:
     for name, value in values.items():
         if not isinstance(value, str):
             raise DgemmaError("invalid_params", f"'{name}' must be a string, got {type(value).__name__}.")
+
+
+def _check_counts(n: object, max_tokens: object) -> None:
+    if not isinstance(n, int) or not 1 <= n <= MAX_ALTERNATIVES:
+        raise DgemmaError("invalid_params", f"n must be an integer in 1..{MAX_ALTERNATIVES}, got {n!r}.")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_NEW_TOKENS):
+        raise DgemmaError("invalid_params", f"max_tokens must be in 1..{MAX_NEW_TOKENS}, got {max_tokens!r}.")

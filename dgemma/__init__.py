@@ -2,6 +2,7 @@
 import ctypes
 import os
 import sys
+from pathlib import Path
 
 __version__ = "0.1.0"
 
@@ -32,3 +33,31 @@ def _keep_freed_blocks() -> None:
 
 
 _keep_freed_blocks()
+
+
+def _keep_installed_packages_first() -> None:
+    """Keep folders that carry the names of installed packages from shadowing them.
+
+    dgemma's checkout has top-level folders named like installed packages: `kernels/` is Hugging
+    Face's kernels, which transformers >= 5.25 imports, and `daemon/` is python-daemon. Any
+    folder can (a user's workspace). Two ways put such a folder first on sys.path:
+    - `python -m dgemma.…` puts the caller's working directory first. While the package is being
+      located sys.argv[0] is "-m"; dgemma needs nothing from that directory, so it is dropped.
+    - Standing in the checkout, or running `python bench/x.py` (whose folder holds a
+      `kernels.py`). The checkout root and its own folders move behind site-packages, where they
+      still serve what only they provide (`train`, `bench`, the tests' helpers). A wheel install
+      has no checkout (no pyproject.toml beside the package): nothing moves there.
+    """
+    if sys.argv[:1] == ["-m"] and sys.path and Path(sys.path[0] or ".").resolve() == Path.cwd():
+        del sys.path[0]
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file() or not (root / "kernels" / "__init__.py").is_file():
+        return
+    # The root and its own folders only: a virtualenv inside the checkout keeps its place.
+    inside = [p for p in sys.path if root in (Path(p or ".").resolve(), Path(p or ".").resolve().parent)]
+    for p in inside:
+        sys.path.remove(p)
+    sys.path.extend(inside)
+
+
+_keep_installed_packages_first()

@@ -42,7 +42,8 @@ class Backend(Protocol):
     def should_try(self, automatic: bool) -> bool: ...
 
     async def fill(self, prefix: str, suffix: str, *, document: str, max_tokens: int, n: int = 1,
-                   seed: int | None = None, sampler: dict[str, Any] | None = None) -> FillResult: ...
+                   seed: int | None = None, sampler: dict[str, Any] | None = None,
+                   max_lines: int | None = None) -> FillResult: ...
 
     async def edit(self, prefix: str, selection: str, suffix: str, instruction: str, *, document: str,
                    strength: float = 0.5, seed: int | None = None, max_tokens: int | None = None,
@@ -147,10 +148,13 @@ class DaemonBackend:
                           queue_ms=float(res.get("queue_ms", 0.0)))
 
     async def fill(self, prefix: str, suffix: str, *, document: str, max_tokens: int, n: int = 1,
-                   seed: int | None = None, sampler: dict[str, Any] | None = None) -> FillResult:
+                   seed: int | None = None, sampler: dict[str, Any] | None = None,
+                   max_lines: int | None = None) -> FillResult:
         # Ghost text cannot be streamed through LSP, so drafts are not requested.
         params: dict[str, Any] = {"prefix": prefix, "suffix": suffix, "document": document,
                                   "max_tokens": max_tokens, "n": n, "stream": False}
+        if max_lines is not None:
+            params["max_lines"] = max_lines
         return await self._request("fill", _extra(params, seed, sampler))
 
     async def edit(self, prefix: str, selection: str, suffix: str, instruction: str, *, document: str,

@@ -16,9 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlparse
 
-# Code tokenizes at roughly 3-4 characters per token; 3 errs towards short prompts.
-CHARS_PER_TOKEN = 3
-ALIGN_LINES = 16
+from dgemma.daemon.window import ALIGN_LINES, CHARS_PER_TOKEN  # the engine cuts its window on the same grid
+
 
 _HASH = {
     "python", "shellscript", "sh", "bash", "zsh", "ruby", "perl", "r", "yaml", "toml",
@@ -245,7 +244,7 @@ def extra_context(
 class Prompt:
     prefix: str  # extra context + prefix window: what the daemon gets
     suffix: str
-    window_prefix: str  # the prefix window alone: the cache key and post-processing input
+    window_prefix: str  # the prefix window alone: the cache key
     extra: str
 
 

@@ -3,7 +3,12 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+TESTS = Path(__file__).resolve().parent
+# The tests import train/ and bench/ from the checkout. Its root goes behind site-packages: its
+# `kernels/` and `daemon/` folders share their names with installed packages (transformers imports
+# `kernels`), and dgemma itself comes from the install.
+sys.path.append(str(TESTS.parent))
+sys.path.insert(0, str(TESTS))
 
 from tiny import build_tiny_checkpoint  # noqa: E402
 

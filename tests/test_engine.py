@@ -200,7 +200,7 @@ def test_long_selection_is_rewritten_block_by_block(engine: Engine) -> None:
 
 @pytest.mark.parametrize("call, code", [
     (lambda e: e.fill("", ""), "invalid_params"),
-    (lambda e: e.fill("x" * 30000, ""), "too_large"),
+    (lambda e: e.edit("", "x = 1\n" * 3000, "", "go"), "too_large"),  # a prefix is windowed; a selection is not
     (lambda e: e.fill("a", "", n=0), "invalid_params"),
     (lambda e: e.fill("a", "", max_tokens=0), "invalid_params"),
     (lambda e: e.fill("a", "", settings={"t_min": 0.9, "t_max": 0.5}), "invalid_params"),
@@ -276,7 +276,7 @@ def test_fast_sampler_draws_from_the_same_distribution() -> None:
 def test_special_token_spellings_in_code_stay_text(engine: Engine) -> None:
     ids = engine._encode('EOS = "<eos>"\n')
     assert engine.eos_id not in ids
-    head_ids, _ = engine._context(engine.bos_token, 'x = "<eos>"')
+    head_ids, _, _ = engine._context(engine.bos_token, 'x = "<eos>"', 0)
     assert head_ids[0] == engine.tokenizer.bos_token_id and engine.eos_id not in head_ids
 
 

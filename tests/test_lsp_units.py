@@ -134,17 +134,9 @@ def test_settings_merge() -> None:
     assert s.budget.prefix_tokens == Settings().prefix_tokens
 
 
-def test_rewrite_replacement_keeps_the_document_style() -> None:
-    from dgemma.lsp.server import _clean_replacement, _command_args
+def test_command_args() -> None:
+    from dgemma.lsp.server import _command_args
 
-    doc = "func f() {\n\tx := 1\n}\n"
-    # The selection ended with a newline: so does the replacement; tabs as in the document.
-    assert _clean_replacement("if x {\n        y()\n}", "\tx := 1\n", doc) == "if x {\n\t\ty()\n}\n"
-    # Selected from column 0: the first line is indentation too.
-    assert _clean_replacement("    y()\n    z()", "\tx\n\tw", doc, at_line_start=True) == "\ty()\n\tz()"
-    # The selection did not: no newline is added at its end.
-    assert _clean_replacement("a + b\n", "a+b", "x = a+b\n") == "a + b"
-    assert _clean_replacement("a\nb", "a\n", "a\r\nc\r\n") == "a\r\nb\r\n"
     args = _command_args(("file:///a", {"start": 1}, "go"), ("uri", "range", "instruction"))
     assert args == {"uri": "file:///a", "range": {"start": 1}, "instruction": "go"}
     one = _command_args(({"uri": "u", "range": {}},), ("uri", "range", "instruction"))

@@ -67,7 +67,7 @@ def test_bundled_model_prefers_a_middle_that_connects() -> None:
     eng = Engine(loaded)
     # Its dgemma_sampler.json, as train.config writes it.
     assert (eng.settings.rank_by, eng.settings.draws, eng.settings.draft_strength) == ("suffix_fit", 3, 0.25)
-    ids, _ = eng._context(eng.bos_token, "def add(a, b):\n")
+    ids, _, _ = eng._context(eng.bos_token, "def add(a, b):\n", 0)
     cache = DynamicCache(config=eng.text_config)
     encode(eng.model, torch.tensor([ids]), cache)
     whole, cut = eng._encode("    return a + b"), eng._encode("    return a +")

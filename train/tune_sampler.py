@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.append(str(ROOT / "bench"))
 
 # (steps, t_max, t_min, entropy_bound, stability_threshold, confidence_threshold). The rows with
 # small bounds accept fewer tokens per step: a weak model's parallel guesses disagree with each other.

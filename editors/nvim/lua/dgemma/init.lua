@@ -437,6 +437,9 @@ function M.attach(bufnr)
   vim.lsp.start({
     name = 'dgemma',
     cmd = M.config.cmd,
+    -- Not the project folder: a server started as `python -m ...` there would find the
+    -- project's own folders first on its import path (a top-level `kernels/` breaks transformers).
+    cmd_cwd = vim.uv.os_tmpdir(),
     root_dir = root,
     init_options = M.config.settings,
     settings = { dgemma = M.config.settings },

@@ -1,10 +1,13 @@
-"""Clean a raw model middle before an editor shows it.
+"""Clean a raw model answer into the text every client shows or writes.
 
 A fill-in-the-middle model returns the text between prefix and suffix, but
 nothing stops it from re-typing what already follows the cursor, closing a
 bracket the document closes anyway, or indenting with spaces in a tab file.
-Each rule below is one function so the golden cases in ``tests/golden/`` can
-name the rule they pin down.
+A rewrite must also fit its selection exactly: what precedes the selection on
+its first line and follows it on its last stay where they are. The daemon
+applies these rules to every answer (``daemon/answers.py``), so the shell and
+the editors get the same text. Each rule is one function so the golden cases in
+``tests/golden/`` can name the rule they pin down.
 """
 from __future__ import annotations
 
@@ -324,4 +327,41 @@ def postprocess(
     text = fix_indentation(text, indent, reindent_first=not line_before.strip())
     text = trim_trailing_whitespace(text, rest)
     text = drop_whitespace_only(text)
+    return text.replace("\n", "\r\n") if crlf else text
+
+
+def _leading_blanks(line: str) -> str:
+    return line[: len(line) - len(line.lstrip(" \t"))]
+
+
+def clean_replacement(raw: str, selection: str, prefix: str, suffix: str) -> str:
+    """The text that replaces ``selection``; ``""`` when there is nothing to apply.
+
+    - An answer that is empty or only whitespace is nothing: applying it would delete the
+      selection, which no rewrite asked for.
+    - When only blanks precede the selection on its first line (an editor's Home stops at the
+      first non-blank), they stay in the document: the answer's first line gets the selection's
+      own leading blanks instead of its own, or it would be indented twice.
+    - When the selection ends with a line break, or a line break and blanks (Shift+Down keeps
+      the column, stopping inside the next line's indentation), the answer ends exactly so: what
+      follows the selection keeps its own line and indentation. A selection that ends inside
+      code continues into the rest of that line, and gets no line break it did not have.
+    - The document's indentation style and line endings.
+    """
+    crlf = "\r\n" in prefix or "\r\n" in selection or "\r\n" in suffix
+    text, sel = raw.replace("\r\n", "\n"), selection.replace("\r\n", "\n")
+    prefix, suffix = prefix.replace("\r\n", "\n"), suffix.replace("\r\n", "\n")
+    if not text.strip():
+        return ""
+    head = prefix[prefix.rfind("\n") + 1:]
+    at_line_start = not head.strip()
+    if head and at_line_start:
+        text = _leading_blanks(sel.split("\n", 1)[0]) + text.lstrip(" \t")
+    text = fix_indentation(text, detect_indent(prefix[-8000:] + sel + suffix[:8000]), reindent_first=at_line_start)
+    last = sel[sel.rfind("\n") + 1:]
+    if "\n" in sel and not last.strip():
+        text = text.rstrip(" \t")
+        text = (text if text.endswith("\n") else text + "\n") + last
+    else:
+        text = text.rstrip("\n")
     return text.replace("\n", "\r\n") if crlf else text
