@@ -7,8 +7,8 @@ path through the daemon starts fast.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
-import hashlib
 import json
 import logging
 import os
@@ -16,7 +16,7 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
@@ -55,12 +55,12 @@ def _run_request(method: str, params: dict[str, Any], *, no_daemon: bool, model:
                  device: str | None = None) -> dict[str, Any]:
     if no_daemon:
         return _run_in_process(method, params, model=model, device=device)
-    from .client import Client, DaemonUnavailable
+    from .client import Client, DaemonUnavailable, absolute_model_spec
 
     progress = sys.stderr.isatty()
     params = dict(params, stream=progress)
     if model:
-        params["model"] = model
+        params["model"] = absolute_model_spec(model)
 
     def on_draft(d: dict[str, Any]) -> None:
         _status_line(f"denoising: step {d.get('step')}, canvas {d.get('canvas')}")
@@ -85,6 +85,7 @@ def _run_in_process(method: str, params: dict[str, Any], *, model: str | None, d
     from .config import load_config
 
     config = load_config()  # before the imports below pull in torch: a bad file fails at once
+    from .answers import answer
     from .server import engine_kwargs, result_payload
 
     kwargs = engine_kwargs(method, params, config.limits)
@@ -95,8 +96,7 @@ def _run_in_process(method: str, params: dict[str, Any], *, model: str | None, d
 
     loaded = load_model(spec, device=device or config.device, dtype=config.dtype, quantize=config.quantization)
     engine = Engine(loaded)
-    fn = engine.fill if method == "fill" else engine.edit
-    res = fn(**kwargs, settings=settings or None)
+    res = answer(engine, method, kwargs, settings=settings or None)
     return result_payload(res, loaded.name)
 
 
@@ -104,34 +104,18 @@ def _settings(steps: int | None) -> dict[str, Any]:
     return {"max_denoising_steps": steps} if steps else {}
 
 
-def _regeneration_budget(selection: str) -> int:
-    """max_tokens for regenerating `selection` as fill-in-the-middle: 1.5x its estimated tokens
-    plus slack, so a large region is not silently cut short, within the config's limit."""
-    from .config import Limits, load_config
+# ---- edit / fill / undo -------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _too_large(shown: str) -> Iterator[None]:
+    """A request the daemon would refuse for its size (the client checks before sending) names the file."""
+    from .client import RequestTooLarge
 
     try:
-        cap = load_config().limits.max_tokens
-    except DgemmaError:
-        cap = Limits().max_tokens  # the daemon reports the bad file itself (`dgemma status`)
-    estimate = len(selection.encode("utf-8")) // 3 + 1  # code runs ~3-4 bytes a token: errs high
-    budget = estimate * 3 // 2 + 64
-    if budget > cap:
-        _say(f"dgemma: the selection is about {estimate} tokens; regenerating it with at most {cap} "
-             "(limits.max_tokens) may cut it short")
-    return min(budget, cap)
+        yield
+    except RequestTooLarge as exc:
+        raise DgemmaError("too_large", f"{shown} is too large to send to the daemon: {exc.message}") from None
 
-
-def _same_final_newline(selection: str, new_text: str) -> str:
-    """`new_text` ending like `selection`: the range is whole lines, so its line break stays
-    (the next line is not glued on), and the file's last line gets none it did not have."""
-    if not new_text:
-        return new_text
-    if selection.endswith("\n"):
-        return new_text if new_text.endswith("\n") else new_text + "\n"
-    return new_text.rstrip("\r\n")
-
-
-# ---- edit / fill / undo -------------------------------------------------------------------
 
 def _display(data: bytes) -> list[str]:
     # Split on "\n" only: str.splitlines would also split on form feeds and U+2028.
@@ -156,26 +140,28 @@ def edit(
     seed: Optional[int] = SeedOpt,
 ) -> None:
     """Rewrite lines START..END of FILE and show the diff (apply with --yes)."""
-    from .fileedit import UndoStore, atomic_write, check_range, parse_range, read_source, replace_lines
+    from .fileedit import apply_edit, check_range, check_writable, parse_range, read_source, replace_lines
 
     if yes and dry_run:
         raise DgemmaError("invalid_params", "--yes and --dry-run contradict each other")
     name, start, end = parse_range(target)
     src = read_source(name)
     check_range(src, start, end)
+    if not dry_run:
+        check_writable(src.path, src.shown)  # before the model runs, not after
     prefix, selection, suffix = src.text(0, start - 1), src.text(start - 1, end), src.text(end, src.line_count)
     # No `document`: that would let two shell commands on one file supersede each other.
-    params: dict[str, Any] = {"prefix": prefix, "suffix": suffix, "seed": seed, "settings": _settings(steps)}
+    # Without an instruction the daemon regenerates the selection (answers.py), with a budget sized
+    # from the selection itself, as the engine sizes an edit's.
+    params: dict[str, Any] = {"prefix": prefix, "selection": selection, "suffix": suffix, "instruction": message or "",
+                              "strength": strength, "seed": seed, "settings": _settings(steps)}
     if max_tokens:
         params["max_tokens"] = max_tokens
-    if message is not None:
-        # The engine sizes an edit's budget from the selection itself.
-        params.update(selection=selection, instruction=message, strength=strength)
+    with _too_large(src.shown):
         res = _run_request("edit", params, no_daemon=no_daemon, model=model)
-    else:
-        params.setdefault("max_tokens", _regeneration_budget(selection))
-        res = _run_request("fill", params, no_daemon=no_daemon, model=model)
-    new_text = _same_final_newline(selection, res["completions"][0]["text"] if res.get("completions") else "")
+    new_text = res["completions"][0]["text"] if res.get("completions") else ""
+    if not new_text:  # the model gave nothing: applying it would delete the lines
+        raise DgemmaError("empty", f"the model returned nothing for {src.shown}:{start}-{end}; the file is unchanged")
     new_bytes = replace_lines(src, start, end, new_text)
     if new_bytes == src.raw:
         _say(f"dgemma: no change to {src.shown}:{start}-{end}")
@@ -194,20 +180,14 @@ def edit(
         if not typer.confirm("Apply this change?", default=False):
             _say("dgemma: not applied")
             return
-    store = UndoStore()
-    entry = store.save(src.path, src.raw, src.mode, hashlib.sha256(new_bytes).hexdigest())
-    try:
-        atomic_write(src.path, new_bytes, src.snapshot, mode=src.mode)
-    except BaseException:
-        store.discard(entry)
-        raise
+    apply_edit(src, new_bytes)
     _say(f"dgemma: applied to {src.shown}; `dgemma undo {src.shown}` restores the previous version")
 
 
 @app.command()
 def fill(
     target: str = typer.Argument(..., metavar="FILE:LINE:COL", help="1-based position, as compilers print it."),
-    json_out: bool = typer.Option(False, "--json", help="Print {middle, model, steps, ms} as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print {middle, model, steps, ms, prefix_dropped, suffix_dropped} as JSON."),
     no_daemon: bool = NoDaemonOpt,
     model: Optional[str] = ModelOpt,
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Token budget of the middle."),
@@ -220,13 +200,15 @@ def fill(
     name, line, col = parse_position(target)
     src = read_source(name)
     prefix, suffix = split_at(src, line, col)
-    res = _run_request("fill", {"prefix": prefix, "suffix": suffix, "max_tokens": max_tokens, "seed": seed,
-                                "settings": _settings(steps)},
-                       no_daemon=no_daemon, model=model)
+    with _too_large(src.shown):
+        res = _run_request("fill", {"prefix": prefix, "suffix": suffix, "max_tokens": max_tokens, "seed": seed,
+                                    "settings": _settings(steps)},
+                           no_daemon=no_daemon, model=model)
     middle = res["completions"][0]["text"] if res.get("completions") else ""
     if json_out:
         print(json.dumps({"middle": middle, "model": res.get("model"), "steps": res.get("steps"),
-                          "ms": round(float(res.get("ms", 0.0)), 1)}))
+                          "ms": round(float(res.get("ms", 0.0)), 1), "prefix_dropped": res.get("prefix_dropped", 0),
+                          "suffix_dropped": res.get("suffix_dropped", 0)}))
     else:
         sys.stdout.write(middle)
         if sys.stdout.isatty() and not middle.endswith("\n"):
@@ -236,10 +218,10 @@ def fill(
 @app.command()
 def undo(file: Path = typer.Argument(..., help="A file `dgemma edit` changed.")) -> None:
     """Put back the version of FILE from before dgemma's last edit."""
-    from .fileedit import UndoStore
+    from .fileedit import UndoStore, shown_name
 
     UndoStore().undo(file)
-    _say(f"dgemma: restored {file}")
+    _say(f"dgemma: restored {shown_name(file)}")
 
 
 # ---- daemon management ------------------------------------------------------------------
@@ -251,19 +233,22 @@ def serve(
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: config, then auto)."),
     socket: Optional[Path] = typer.Option(None, "--socket", help="Socket path (default: in the runtime dir)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every request."),
+    log_file: Optional[Path] = typer.Option(None, "--log-file", hidden=True,
+                                            help="Log here, rotated (how a daemon started in the background logs)."),
 ) -> None:
     """Run the daemon: load the model once and serve editors and the command line."""
-    from .config import socket_path
+    from .config import check_device, socket_path
 
     path = socket or socket_path()
+    if device is not None:
+        check_device(device, "--device")
     if detach:
         _serve_detached(path, model, device)
         return
-    from . import server
+    from . import logs, server
     from .config import Config, load_config
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(logging.DEBUG if verbose else logging.INFO, log_file)
     config_error = None
     try:
         config = load_config()

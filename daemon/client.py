@@ -58,6 +58,24 @@ def _tcp_endpoint(path: Path) -> tuple[int, str]:
         raise DaemonUnavailable(str(exc)) from None
 
 
+class RequestTooLarge(DgemmaError):
+    """A request over the frame limit the daemon announced: refused here, before it is sent."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("too_large", message)
+
+
+def _frame(rid: Any, method: str, params: dict[str, Any] | None, greeting: dict[str, Any]) -> bytes:
+    """The request as a frame; DgemmaError(too_large) before anything is sent when it is over the
+    limit the daemon announced (it would close the connection on it)."""
+    data = proto.encode(proto.request(rid, method, params))
+    limit = greeting.get("max_frame")
+    if isinstance(limit, int) and len(data) - proto.HEADER.size > limit:
+        raise RequestTooLarge(f"the {method} request is {len(data) - proto.HEADER.size:,} bytes, over the "
+                                       f"daemon's limit of {limit:,} bytes (limits.max_frame_bytes); nothing was sent")
+    return data
+
+
 def _raise_error(msg: dict[str, Any]) -> None:
     err = msg.get("error") or {}
     raise DgemmaError(str(err.get("code", "internal")), str(err.get("message", "unknown error")))
@@ -108,8 +126,9 @@ class Client:
 
     def _call(self, method: str, params: dict[str, Any] | None, on_draft: DraftCallback | None = None) -> dict[str, Any]:
         rid = next(self._ids)
+        data = _frame(rid, method, params, self.greeting)
         try:
-            self.sock.sendall(proto.encode(proto.request(rid, method, params)))
+            self.sock.sendall(data)
             while True:
                 msg = proto.recv_frame(self.sock, 1 << 30)
                 if msg.get("id") not in (rid, None):
@@ -169,6 +188,7 @@ class AsyncClient:
         self.writer = writer
         self.path = path
         self.info: dict[str, Any] = {}
+        self.greeting: dict[str, Any] = {}
         self._ids = itertools.count(1)
         self._pending: dict[Any, asyncio.Future[dict[str, Any]]] = {}
         self._drafts: dict[Any, DraftCallback] = {}
@@ -199,6 +219,7 @@ class AsyncClient:
             greeting = await proto.read_frame(reader, 1 << 30)
             if greeting.get("type") != "hello":
                 raise DaemonUnavailable(f"{path} does not speak the dgemma protocol")
+            client.greeting = greeting
             client._reader_task = asyncio.get_running_loop().create_task(client._read_loop())
             client.info = await client.request("hello", _hello_params(token))
         except proto.ConnectionClosed:
@@ -227,12 +248,13 @@ class AsyncClient:
         rid = self.new_id() if id is None else id
         if rid in self._pending:
             raise DgemmaError("invalid_request", f"request id {rid!r} is already in flight")
+        data = _frame(rid, method, params, self.greeting)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         if on_draft is not None:
             self._drafts[rid] = on_draft
         try:
-            self.writer.write(proto.encode(proto.request(rid, method, params)))
+            self.writer.write(data)
             await self.writer.drain()
             return await fut
         except asyncio.CancelledError:
@@ -345,10 +367,18 @@ def _start_lock(folder: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+def absolute_model_spec(model: str | None) -> str | None:
+    """A model given as a path, made absolute: the daemon resolves it in another working directory.
+    Anything else (a hub id, None) is passed on as it is."""
+    if model and os.path.exists(os.path.expanduser(model)):
+        return os.path.abspath(os.path.expanduser(model))
+    return model
+
+
 def serve_command(path: Path, model: str | None, device: str | None) -> list[str]:
-    cmd = [sys.executable, "-m", "dgemma.daemon.cli", "serve", "--socket", str(path)]
+    cmd = [sys.executable, "-m", "dgemma.daemon.cli", "serve", "--socket", str(path.absolute())]
     if model:
-        cmd += ["--model", model]
+        cmd += ["--model", absolute_model_spec(model)]
     if device:
         cmd += ["--device", device]
     return cmd
@@ -359,8 +389,11 @@ def spawn_daemon(path: Path, model: str | None = None, device: str | None = None
     """Start `dgemma serve` in its own session, logging to daemon.log next to the socket;
     returns its pid once the socket answers. Raises DaemonUnavailable with the log's last
     line when it dies first."""
+    from .logs import rotate_if_big
+
     folder = ensure_private_dir(path.parent)
     logfile = folder / "daemon.log"
+    rotate_if_big(logfile)  # before the daemon writes: its start-up lines are read back below
     if sys.platform == "win32":
         # No sessions there: a process group of its own and no console, so closing the
         # terminal or Ctrl+C in it does not reach the daemon.
@@ -369,8 +402,12 @@ def spawn_daemon(path: Path, model: str | None = None, device: str | None = None
         detach = {"start_new_session": True}
     with open(logfile, "ab") as out:
         start_at = out.tell()
-        proc = subprocess.Popen(serve_command(path, model, device), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, close_fds=True, **detach)
+        # Its own working directory, as daemons have: `-m` puts the working directory first on
+        # sys.path, and the caller's (a checkout, an editor's workspace) may hold folders named
+        # like installed packages. It also keeps the daemon from pinning the caller's folder.
+        proc = subprocess.Popen([*serve_command(path, model, device), "--log-file", str(logfile.absolute())],
+                                stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, close_fds=True, cwd=folder, **detach)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -409,4 +446,4 @@ def ensure_daemon(path: Path | str | None = None, *, model: str | None = None, d
 
 
 __all__ = ["Client", "AsyncClient", "connect", "ensure_daemon", "spawn_daemon", "daemon_answers",
-           "DaemonUnavailable"]
+           "DaemonUnavailable", "RequestTooLarge"]

@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable
 import platformdirs
 
 from .errors import DgemmaError
-from .protocol import DEFAULT_MAX_FRAME
+from .protocol import DEFAULT_MAX_FRAME, MIN_FRAME
 from .sampling import SamplerSettings
 
 try:
@@ -123,20 +123,50 @@ def io_error(exc: OSError, what: str, hint: str = "") -> DgemmaError:
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create `path` with mode 0700 and refuse one that others can enter: anyone who can
-    reach the socket can make the daemon read prompts and spend the GPU."""
+    """Create `path` with mode 0700, or check that the existing folder is private to the user:
+    anyone who can reach the socket can make the daemon read prompts and spend the GPU. Only a
+    folder dgemma creates here is chmod-ed; an existing one that others can enter (/tmp, a shared
+    folder) is refused with the reason, never changed: it is not dgemma's to lock down."""
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode=0o700, parents=True)
+            created = True
+        except FileExistsError:
+            created = False
         if not hasattr(os, "getuid"):  # Windows: the per-user profile dir is private already
             return path
+        if created:
+            os.chmod(path, 0o700)  # mkdir's mode went through the umask
         st = path.stat()
+        if not stat.S_ISDIR(st.st_mode):
+            raise DgemmaError("io_error", f"{path} is not a folder; set DGEMMA_RUNTIME_DIR to a folder of your own")
         if st.st_uid != os.getuid():
-            raise DgemmaError("invalid_params", f"{path} belongs to another user; set DGEMMA_RUNTIME_DIR")
-        if stat.S_IMODE(st.st_mode) & 0o077:
-            os.chmod(path, 0o700)
+            raise DgemmaError("invalid_params", f"{path} belongs to another user (uid {st.st_uid}); "
+                                                "set DGEMMA_RUNTIME_DIR to a folder of your own")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            raise DgemmaError("invalid_params", f"{path} is mode {mode:o}: others can enter it, and dgemma keeps its "
+                                                "socket only in a private folder; set DGEMMA_RUNTIME_DIR (or --socket) "
+                                                f"to a folder of your own, or `chmod 700 {path}` if it is yours alone")
     except OSError as exc:
         raise io_error(exc, f"cannot create the private folder {path}", "set DGEMMA_RUNTIME_DIR") from None
     return path
+
+
+# Device types the daemon can run a model on (torch.device names). "meta" and the like hold no
+# data: a model "loaded" there fails on every request. Whether this machine has the device is
+# checked when the model loads (dgemma.daemon.loading.pick_device), where torch is imported.
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def check_device(device: str, source: str = "device") -> str:
+    """`device` when it names a device dgemma can run on (`auto`, `cpu`, `cuda`, `cuda:1`, `mps`,
+    `xpu`); DgemmaError(invalid_params) naming `source` otherwise. No torch import."""
+    kind, _, index = device.partition(":")
+    if device == "auto" or (kind in DEVICE_TYPES and (not _ or index.isdigit() and index.isascii())):
+        return device
+    raise DgemmaError("invalid_params", f"{source}: {device!r:.60} is not a device dgemma can run on; use auto, "
+                                        f"{', '.join(DEVICE_TYPES)}, or an indexed one such as cuda:1")
 
 
 # ---- config ---------------------------------------------------------------------------
@@ -151,6 +181,25 @@ class Limits:
     max_queued_drafts: int = 8
     max_tokens: int = 2048
     max_n: int = 8  # the engine's MAX_ALTERNATIVES
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            low, high = LIMIT_RANGES[f.name]
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise DgemmaError("invalid_params", f"limit `{f.name}` must be an integer in {low}..{high}, "
+                                                    f"not {value!r:.40}")
+
+
+# Sane bounds of each limit. The lower ones keep the daemon usable whatever the file says:
+# every control request (hello, status, shutdown) fits in MIN_FRAME.
+LIMIT_RANGES = {
+    "max_frame_bytes": (MIN_FRAME, 1 << 30),
+    "max_pending_per_client": (1, 4096),
+    "max_queued_drafts": (1, 1024),
+    "max_tokens": (1, 1 << 20),
+    "max_n": (1, 8),
+}
 
 
 @dataclass(frozen=True)
@@ -196,6 +245,8 @@ def parse_config(text: str, source: str = "config.toml") -> Config:
             kwargs[key] = data[key]
     if "model" in kwargs:
         kwargs["model"] = os.path.expanduser(kwargs["model"])
+    if "device" in kwargs:
+        check_device(kwargs["device"], f"{source}: `device`")
     for key, names in (("dtype", DTYPES), ("quantization", QUANTIZATIONS)):
         if key in kwargs and kwargs[key] not in names:
             raise DgemmaError("invalid_params", f"{source}: `{key}` = {kwargs[key]!r} is not one of {', '.join(names)}")
@@ -212,12 +263,13 @@ def parse_config(text: str, source: str = "config.toml") -> Config:
     if not isinstance(limits, dict):
         raise DgemmaError("invalid_params", f"{source}: [limits] must be a table")
     known = {f.name for f in fields(Limits)}
-    for key, value in limits.items():
+    for key in limits:
         if key not in known:
             raise DgemmaError("invalid_params", f"{source}: unknown limit `{key}`; known: {', '.join(sorted(known))}")
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise DgemmaError("invalid_params", f"{source}: limit `{key}` must be a positive integer")
-    kwargs["limits"] = Limits(**limits)
+    try:
+        kwargs["limits"] = Limits(**limits)
+    except DgemmaError as exc:
+        raise DgemmaError("invalid_params", f"{source}: {exc.message}") from None
     return Config(**kwargs)
 
 

@@ -7,10 +7,12 @@ it stays byte-identical, mixed line endings and BOM included.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from .config import data_dir, io_error
 from .errors import DgemmaError
+from .logs import escape
 
 BOM = b"\xef\xbb\xbf"
 
@@ -65,15 +68,30 @@ def _norm(line: bytes) -> str:
     return s
 
 
-def read_source(name: str | os.PathLike[str]) -> SourceFile:
-    shown = str(name)
-    path = Path(name)
+def shown_name(name: str | os.PathLike[str]) -> str:
+    """A file name as messages and diffs show it: on one line (a newline, ESC... escaped)."""
+    return escape(str(name))
+
+
+def resolve(name: str | os.PathLike[str]) -> Path:
+    """The real path of an existing file `name` (symlinks resolved: an edit replaces the target);
+    a one-line DgemmaError for a missing file, a symlink loop or an unreadable folder."""
+    shown = shown_name(name)
     try:
-        real = path.resolve(strict=True)
+        return Path(name).resolve(strict=True)
     except FileNotFoundError:
         raise DgemmaError("invalid_params", f"{shown}: no such file") from None
+    except RuntimeError:  # Python < 3.13 reports a symlink loop this way
+        raise DgemmaError("invalid_params", f"{shown}: symlink loop (a link that leads back to itself)") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DgemmaError("invalid_params", f"{shown}: symlink loop (a link that leads back to itself)") from None
         raise DgemmaError("invalid_params", f"{shown}: {exc.strerror or exc}") from None
+
+
+def read_source(name: str | os.PathLike[str]) -> SourceFile:
+    shown = shown_name(name)
+    real = resolve(name)
     if not real.is_file():
         raise DgemmaError("invalid_params", f"{shown}: not a regular file")
     try:
@@ -103,9 +121,10 @@ def read_source(name: str | os.PathLike[str]) -> SourceFile:
 
 def parse_range(spec: str) -> tuple[str, int, int]:
     """FILE:START-END (1-based, inclusive; FILE:N means one line)."""
-    m = re.fullmatch(r"(.+):(\d+)(?:-(\d+))?", spec)
+    # DOTALL: a file name may hold a newline (the shell passes it on as it is).
+    m = re.fullmatch(r"(.+):(\d+)(?:-(\d+))?", spec, re.DOTALL)
     if not m:
-        raise DgemmaError("invalid_params", f"expected FILE:START-END (1-based lines), got {spec!r}")
+        raise DgemmaError("invalid_params", f"expected FILE:START-END (1-based lines), got {spec!r:.200}")
     start = int(m.group(2))
     end = int(m.group(3)) if m.group(3) else start
     if start < 1 or end < start:
@@ -115,9 +134,9 @@ def parse_range(spec: str) -> tuple[str, int, int]:
 
 def parse_position(spec: str) -> tuple[str, int, int]:
     """FILE:LINE:COL (1-based, as compilers print them; COL counts characters)."""
-    m = re.fullmatch(r"(.+):(\d+):(\d+)", spec)
+    m = re.fullmatch(r"(.+):(\d+):(\d+)", spec, re.DOTALL)
     if not m:
-        raise DgemmaError("invalid_params", f"expected FILE:LINE:COL (1-based), got {spec!r}")
+        raise DgemmaError("invalid_params", f"expected FILE:LINE:COL (1-based), got {spec!r:.200}")
     line, col = int(m.group(2)), int(m.group(3))
     if line < 1 or col < 1:
         raise DgemmaError("invalid_params", f"bad position {line}:{col}: lines and columns start at 1")
@@ -159,17 +178,59 @@ def replace_lines(src: SourceFile, start: int, end: int, new_text: str) -> bytes
 
 # ---- atomic write ---------------------------------------------------------------------
 
+def check_writable(path: Path, shown: str | None = None) -> None:
+    """Refuse (io_error) to replace a file the user could not open for writing: a read-only
+    file stays read-only even though the rename would get past its mode. Root can open any file,
+    so for root a file with no write bit at all counts as read-only (as editors treat it)."""
+    shown = shown or shown_name(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return  # a new file: nothing to protect
+    except OSError as exc:
+        raise io_error(exc, f"cannot write {shown}") from None
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        writable = bool(st.st_mode & 0o222)
+    else:
+        writable = os.access(path, os.W_OK)
+    if not writable:
+        raise DgemmaError("io_error", f"{shown} is read-only (mode {stat.S_IMODE(st.st_mode):o}); dgemma does not "
+                                      "replace a file you could not open for writing: make it writable first")
+
+
 def atomic_write(path: Path, data: bytes, expected: Snapshot | None, mode: int | None = None) -> Snapshot:
     """Replace `path` by `data` so that a reader (or a crash, or SIGKILL) sees either the
     old file or the new one, never a mix: temp file in the same folder, fsync, rename,
     fsync of the folder. Refuses with `file_changed` when the file on disk no longer
     matches `expected`; the check runs after the temp file is ready, just before the
     rename, to keep the window as small as we can without a lock editors would honour.
+    The new file keeps the old one's owner and group (as root, or when the user may set that
+    group), or nothing is written; a read-only file is refused (check_writable).
     An OSError (disk full, no permission) becomes a one-line `io_error`; the file is untouched."""
+    check_writable(path)
     try:
         return _atomic_write(path, data, expected, mode)
     except OSError as exc:
-        raise io_error(exc, f"cannot write {path}") from None
+        raise io_error(exc, f"cannot write {shown_name(path)}") from None
+
+
+def _keep_owner(fd: int, path: Path) -> None:
+    """Give the temp file `path`'s owner and group; refuse when the user may not."""
+    if not hasattr(os, "fchown"):
+        return
+    try:
+        old = path.stat()
+    except FileNotFoundError:
+        return  # checked (file_changed) before the rename
+    new = os.fstat(fd)
+    if (old.st_uid, old.st_gid) == (new.st_uid, new.st_gid):
+        return
+    try:
+        os.fchown(fd, old.st_uid, old.st_gid)
+    except PermissionError:
+        raise DgemmaError("io_error", f"{shown_name(path)} belongs to uid {old.st_uid}, gid {old.st_gid}: the new version "
+                                      "would belong to you instead (an edit replaces the file), so nothing was "
+                                      "written") from None
 
 
 def _atomic_write(path: Path, data: bytes, expected: Snapshot | None, mode: int | None) -> Snapshot:
@@ -178,6 +239,7 @@ def _atomic_write(path: Path, data: bytes, expected: Snapshot | None, mode: int 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".dgemma-tmp", dir=folder)
     try:
         try:
+            _keep_owner(fd, path)  # before the mode: a chown may clear set-id bits
             if mode is not None:
                 if hasattr(os, "fchmod"):
                     os.fchmod(fd, mode)
@@ -194,9 +256,11 @@ def _atomic_write(path: Path, data: bytes, expected: Snapshot | None, mode: int 
             try:
                 now = Snapshot.of(path)
             except FileNotFoundError:
-                raise DgemmaError("file_changed", f"{path} was removed since dgemma read it; nothing written") from None
+                raise DgemmaError("file_changed", f"{shown_name(path)} was removed since dgemma read it; "
+                                                  "nothing written") from None
             if now != expected:
-                raise DgemmaError("file_changed", f"{path} changed on disk since dgemma read it; nothing written")
+                raise DgemmaError("file_changed", f"{shown_name(path)} changed on disk since dgemma read it; "
+                                                  "nothing written")
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -241,64 +305,130 @@ def _fsync_dir(folder: Path) -> None:
 KEEP_PER_FILE = 20
 
 
+def _write_durably(path: Path, data: bytes) -> None:
+    """`data` into `path` all or nothing: a hidden temp file, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def apply_edit(src: SourceFile, new: bytes, store: "UndoStore | None" = None) -> None:
+    """Write `new` over `src` with atomic_write, its undo entry saved first (so a crash right after
+    the rename still leaves a way back) and discarded when nothing was written. A kill between
+    the two leaves an entry for an edit that never happened: `undo` recognises and skips it."""
+    check_writable(src.path, src.shown)
+    store = store or UndoStore()
+    entry = store.save(src.path, src.raw, src.mode, hashlib.sha256(new).hexdigest())
+    try:
+        atomic_write(src.path, new, src.snapshot, mode=src.mode)
+    except BaseException:
+        store.discard(entry)
+        raise
+
+
 class UndoStore:
-    """Previous versions of files dgemma wrote, newest last, per real path."""
+    """Previous versions of files dgemma wrote, newest last, per real path.
+
+    An entry is `STAMP.bak` (the previous bytes) and `STAMP.json` (path, mode, the hashes of the
+    previous and the written content), each written to a temp file and renamed, the .json last:
+    an entry is complete or absent. `undo` takes the newest entry that matches the file; an entry
+    whose edit never reached the file (the file still holds its previous content) and a damaged
+    one are set aside, so neither can hide the entries before them."""
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or data_dir() / "undo"
 
     def _folder(self, path: Path) -> Path:
-        key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+        key = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:32]
         return self.root / key
 
     def save(self, path: Path, previous: bytes, mode: int, written_sha256: str) -> Path:
-        """Remember `previous` before `path` is replaced by content hashing to
-        `written_sha256`. Call before the write, so a crash right after the rename still
-        leaves a way back; `discard` the returned entry if the write is refused. An OSError
-        becomes a one-line `io_error` (and the caller then writes nothing)."""
+        """Remember `previous` before `path` (a real path) is replaced by content hashing to
+        `written_sha256`. Call before the write; `discard` the returned entry if the write is
+        refused. An OSError becomes a one-line `io_error` (and the caller then writes nothing)."""
         folder = self._folder(path)
         stamp = f"{time.time_ns():020d}"
         entry = folder / f"{stamp}.json"
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            entry.with_suffix(".bak").write_bytes(previous)
-            meta = {"path": str(path.resolve()), "mode": mode, "written_sha256": written_sha256, "time": time.time()}
-            # meta last: an entry without meta (a crash in between) is ignored.
-            entry.write_text(json.dumps(meta))
+            _write_durably(entry.with_suffix(".bak"), previous)
+            meta = {"path": os.path.realpath(path), "mode": mode, "written_sha256": written_sha256,
+                    "previous_sha256": hashlib.sha256(previous).hexdigest(), "time": time.time()}
+            _write_durably(entry, json.dumps(meta).encode())  # last: it makes the entry
+            _fsync_dir(folder)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 self.discard(entry)
-            raise io_error(exc, f"cannot save the undo copy of {path} in {self.root}", "nothing was written") from None
+            raise io_error(exc, f"cannot save the undo copy of {shown_name(path)} in {self.root}",
+                           "nothing was written") from None
         entries = sorted(folder.glob("*.json"))
         for old in entries[:-KEEP_PER_FILE]:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".bak").unlink(missing_ok=True)
+            self.discard(old)
+        self._sweep(folder)
         return entry
+
+    @staticmethod
+    def _sweep(folder: Path) -> None:
+        """Remove what a killed save left behind: temp files, and copies whose entry was never
+        made. Only old ones: a young one may belong to a save in progress."""
+        cutoff = time.time() - STALE_TEMP_SECONDS
+        for item in folder.iterdir():
+            stray = item.name.endswith(".tmp") or (item.suffix == ".bak" and not item.with_suffix(".json").exists())
+            try:
+                if stray and item.stat().st_mtime < cutoff:
+                    item.unlink()
+            except OSError:
+                pass
 
     def discard(self, entry: Path) -> None:
         entry.unlink(missing_ok=True)
         entry.with_suffix(".bak").unlink(missing_ok=True)
 
+    def _load(self, entry: Path) -> tuple[dict, bytes] | None:
+        """An entry's meta and previous bytes; None when it is damaged (unreadable, cut short)."""
+        try:
+            meta = json.loads(entry.read_text(encoding="utf-8"))
+            previous = entry.with_suffix(".bak").read_bytes()
+        except (OSError, ValueError):
+            return None
+        if not (isinstance(meta, dict) and isinstance(meta.get("written_sha256"), str)):
+            return None
+        if meta.get("previous_sha256", hashlib.sha256(previous).hexdigest()) != hashlib.sha256(previous).hexdigest():
+            return None
+        return meta, previous
+
     def undo(self, name: str | os.PathLike[str]) -> Path:
         """Put back the version before dgemma's last write; refuses if the file was
         changed since (the user's later work would be lost)."""
-        shown = str(name)
-        path = Path(name)
-        if not path.exists():
-            raise DgemmaError("invalid_params", f"{shown}: no such file")
-        path = path.resolve()
+        shown = shown_name(name)
+        path = resolve(name)
         folder = self._folder(path)
-        entries = sorted(folder.glob("*.json")) if folder.exists() else []
-        if not entries:
-            raise DgemmaError("invalid_params", f"{shown}: nothing to undo (dgemma has not edited this file)")
-        meta_path = entries[-1]
-        meta = json.loads(meta_path.read_text())
-        previous = meta_path.with_suffix(".bak").read_bytes()
+        entries = sorted(folder.glob("*.json"), reverse=True) if folder.is_dir() else []
         current = Snapshot.of(path)
-        if current.sha256 != meta["written_sha256"]:
+        for entry in entries:
+            loaded = self._load(entry)
+            if loaded is None:  # damaged (a crash of an older dgemma while writing it): it hides nothing
+                self.discard(entry)
+                continue
+            meta, previous = loaded
+            if current.sha256 == meta["written_sha256"]:
+                # Marked first: an undo killed after its rename is then recognised as done.
+                _write_durably(entry, json.dumps({**meta, "undoing": True}).encode())
+                atomic_write(path, previous, current, mode=meta.get("mode"))
+                self.discard(entry)
+                return path
+            if current.sha256 == hashlib.sha256(previous).hexdigest():
+                self.discard(entry)
+                if meta.get("undoing"):
+                    return path  # an undo that was killed after it put the file back: done now
+                continue  # an edit killed before its rename: it never happened
             raise DgemmaError("file_changed", f"{shown} changed since dgemma edited it; not undoing "
                                               "(your later changes would be lost)")
-        atomic_write(path, previous, current, mode=meta.get("mode"))
-        meta_path.unlink()
-        meta_path.with_suffix(".bak").unlink(missing_ok=True)
-        return path
+        raise DgemmaError("invalid_params", f"{shown}: nothing to undo (dgemma has not edited this file)")

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoTokenizer, DiffusionGemmaConfig, Diffus
 
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
 
-from dgemma.daemon.config import DTYPE_NAMES
+from dgemma.daemon.config import DTYPE_NAMES, check_device
 from dgemma.daemon.errors import DgemmaError
 from dgemma.quant import checkpoint as quant_checkpoint
 from dgemma.quant.meta import meta_model
@@ -64,11 +64,25 @@ def resolve_model_path(model: str | os.PathLike | None = None) -> Path:
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
+    """The torch device to run on: `auto` (or None) picks CUDA when there is one. A device this
+    torch cannot run a model on here (`meta`, a missing GPU or index) is refused up front, so a
+    bad config fails at load time with a reason instead of on every request."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    check_device(str(device), "device")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DgemmaError("invalid_params", f"Device {str(device)!r:.60} is not a torch device.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DgemmaError("invalid_params", f"Device '{device}' was asked for but this machine has no usable CUDA GPU.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DgemmaError("invalid_params", f"Device '{device}' was asked for but this machine has "
+                                            f"{torch.cuda.device_count()} CUDA GPU(s).")
+    if dev.type in ("mps", "xpu"):
+        backend = getattr(torch.backends, "mps", None) if dev.type == "mps" else getattr(torch, "xpu", None)
+        if backend is None or not backend.is_available():
+            raise DgemmaError("invalid_params", f"Device '{device}' was asked for but this torch cannot use it here.")
     return dev
 
 

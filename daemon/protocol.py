@@ -6,6 +6,8 @@ This module only frames and validates; it knows nothing about sockets' owners.
 from __future__ import annotations
 
 import asyncio
+import math
+import reprlib
 import socket
 import struct
 from typing import Any
@@ -21,6 +23,20 @@ SUPPORTED_VERSIONS = (1,)
 # length prefix cannot make the daemon allocate gigabytes.
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 HEADER = struct.Struct(">I")
+# No config may go below this: every control request (hello, status, shutdown...) must fit.
+MIN_FRAME = 64 * 1024
+# Before a successful `hello` a connection may send frames up to this size only (a hello is a
+# few dozen bytes), must finish its hello within PREAUTH_TIMEOUT_S, and at most
+# MAX_PREAUTH_CONNECTIONS connections may be waiting for theirs at once: a stranger on the TCP
+# port can hold neither memory nor sockets.
+PREAUTH_MAX_FRAME = MIN_FRAME
+PREAUTH_TIMEOUT_S = 5.0
+MAX_PREAUTH_CONNECTIONS = 64
+# A request id is an integer (msgpack's 64-bit range) or a string of at most this many characters.
+MAX_ID_CHARS = 256
+# Error messages on the wire are cut to this many characters; text a client sent is quoted
+# into them (and into the log) through `clip`, which escapes it and cuts it much shorter.
+MAX_MESSAGE_CHARS = 1024
 
 METHODS = ("hello", "ping", "status", "fill", "edit", "cancel", "reload", "shutdown")
 
@@ -101,6 +117,8 @@ def result(id: Any, value: dict[str, Any]) -> dict[str, Any]:
 
 
 def error(id: Any, code: str, message: str) -> dict[str, Any]:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS - 1] + "\u2026"
     return {"id": id, "type": "error", "error": {"code": code, "message": message}}
 
 
@@ -114,11 +132,37 @@ def hello(server: str, pid: int, max_frame: int) -> dict[str, Any]:
             "server": server, "pid": pid, "max_frame": max_frame}
 
 
+def valid_id(rid: Any) -> bool:
+    """An integer (not a boolean) or a string of at most MAX_ID_CHARS characters."""
+    if isinstance(rid, bool):
+        return False
+    return isinstance(rid, int) or (isinstance(rid, str) and len(rid) <= MAX_ID_CHARS)
+
+
+def reply_id(msg: Any) -> Any:
+    """The id to answer `msg` with: its own when valid, else None (never echo junk back)."""
+    rid = msg.get("id") if isinstance(msg, dict) else None
+    return rid if valid_id(rid) else None
+
+
+def clip(value: Any, limit: int = 64) -> str:
+    """`value` (text a client sent) fit to quote in a message or a log line: control and
+    non-printable characters escaped as in a Python literal, cut to about `limit` characters."""
+    text = value if isinstance(value, str) else reprlib.repr(value)
+    if len(text) > limit:
+        text, rest = text[:limit], len(text) - limit
+    else:
+        rest = 0
+    out = repr(text)
+    return out + (f"... ({rest} more characters)" if rest else "")
+
+
 def check_request(msg: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
     """Validate the envelope of a request; returns (id, method, params)."""
     rid = msg.get("id")
-    if not isinstance(rid, (int, str)) or isinstance(rid, bool):
-        raise DgemmaError("invalid_request", "a request needs an `id` (integer or string)")
+    if not valid_id(rid):
+        raise DgemmaError("invalid_request", f"a request needs an `id`: an integer or a string of at most "
+                                             f"{MAX_ID_CHARS} characters")
     method = msg.get("method")
     if not isinstance(method, str):
         raise DgemmaError("invalid_request", "a request needs a `method` (string)")
@@ -128,7 +172,7 @@ def check_request(msg: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
     if not isinstance(params, dict):
         raise DgemmaError("invalid_params", "`params` must be a map")
     if method not in METHODS:
-        raise DgemmaError("invalid_request", f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        raise DgemmaError("invalid_request", f"unknown method {clip(method)}; known: {', '.join(METHODS)}")
     return rid, method, params
 
 
@@ -153,6 +197,8 @@ def param(params: dict[str, Any], name: str, kind: type | tuple[type, ...], defa
     if not isinstance(value, kinds):
         raise DgemmaError("invalid_params",
                           f"parameter `{name}` must be {_names(kinds)}, not {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DgemmaError("invalid_params", f"parameter `{name}` must be a finite number")
     if min is not None and value < min:
         raise DgemmaError("invalid_params", f"parameter `{name}` must be >= {min}")
     if max is not None and value > max:

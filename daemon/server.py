@@ -21,16 +21,17 @@ import secrets
 import signal
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 from . import protocol as proto
 from .config import (Config, ConfigWatcher, config_path, ensure_private_dir, lock_fd, runtime_dir, socket_path,
                      tcp_info_path, transport)
+from .answers import answer, regeneration_budget
 from .connection import Connection
 from .errors import DgemmaError
 from .loading import BUNDLED_MODEL_DIR
+from .sampling import check_settings
 from .scheduler import Job, Scheduler
 
 log = logging.getLogger("dgemma.daemon")
@@ -85,6 +86,9 @@ class Server:
         self.served_by_method: collections.Counter[str] = collections.Counter()
         self.connections: dict[int, Connection] = {}
         self._next_cid = 0
+        self._strangers = 0  # connections whose hello has not succeeded yet
+        self._refused = 0  # connections refused because too many strangers waited
+        self._refused_logged = -1e9
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
         self._stopped: asyncio.Event | None = None
@@ -161,7 +165,7 @@ class Server:
             if isinstance(failure, DgemmaError):
                 error = failure
             else:
-                log.error("model load failed:\n%s", "".join(traceback.format_exception(failure)))
+                log.error("model load failed", exc_info=failure)
                 error = DgemmaError("model_missing", f"cannot load the model: {type(failure).__name__}: {failure}")
             self.load_error = error
             if self.engine is None:
@@ -207,7 +211,7 @@ class Server:
                 try:
                     item()
                 except Exception:  # the worker must survive whatever a control step does
-                    log.error("control step failed:\n%s", traceback.format_exc())
+                    log.error("control step failed", exc_info=True)
                 continue
             try:
                 self._run_job(item)
@@ -249,8 +253,7 @@ class Server:
         if settings:
             kwargs["settings"] = settings  # the engine overlays it on its defaults and validates
         t0 = time.monotonic()
-        method = engine.fill if job.method == "fill" else engine.edit
-        res = method(**kwargs, on_step=on_step, cancel=job.flag, deadline=job.deadline)
+        res = answer(engine, job.method, kwargs, on_step=on_step, cancel=job.flag, deadline=job.deadline)
         payload = result_payload(res, self.model_name)
         payload["queue_ms"] = (t0 - job.received) * 1000
         return payload
@@ -279,7 +282,7 @@ class Server:
             _empty_cuda_cache()
             return proto.error(job.id, "out_of_memory",
                                "the GPU ran out of memory on this request; try a shorter context or fewer candidates")
-        log.error("internal error on request %r:\n%s", job.id, traceback.format_exc())
+        log.error("internal error on request %r of client %d", job.id, job.conn.cid, exc_info=True)
         return proto.error(job.id, "internal", f"internal error: {type(exc).__name__}: {exc}")
 
     # -- loop side -------------------------------------------------------------------------
@@ -312,14 +315,40 @@ class Server:
         limits = self.config.limits
         conn = Connection(self._next_cid, reader, writer, limits.max_queued_drafts)
         self.connections[conn.cid] = conn
-        writer_task = asyncio.get_running_loop().create_task(conn.write_loop())
+        loop = asyncio.get_running_loop()
+        writer_task = loop.create_task(conn.write_loop())
         conn.send(proto.hello(SERVER_NAME, os.getpid(), limits.max_frame_bytes))
         authorized = self.transport != "tcp"  # TCP: nothing but a `hello` with the token until then
+        # Until its hello succeeds a connection is a stranger (over TCP, anyone on the machine):
+        # small frames only, a short deadline, and only so many strangers at once.
+        self._strangers += 1
+        stranger = True
+        hello_by = loop.time() + proto.PREAUTH_TIMEOUT_S
         try:
+            if self._strangers > proto.MAX_PREAUTH_CONNECTIONS:
+                self._note_refused(conn)
+                conn.send(proto.error(None, "too_large", f"more than {proto.MAX_PREAUTH_CONNECTIONS} connections are "
+                                                         "waiting for their hello; try again"))
+                await conn.flush(0.5)
+                return
             while not conn.closed:
+                if stranger and conn.greeted and authorized:
+                    stranger = False
+                    self._strangers -= 1
                 try:
-                    msg = await proto.read_frame(reader, self.config.limits.max_frame_bytes)
+                    if stranger:
+                        msg = await asyncio.wait_for(proto.read_frame(reader, proto.PREAUTH_MAX_FRAME),
+                                                     max(0.0, hello_by - loop.time()))
+                    else:
+                        msg = await proto.read_frame(reader, self.config.limits.max_frame_bytes)
                 except proto.ConnectionClosed:
+                    break
+                except asyncio.TimeoutError:
+                    log.warning("client %d: no successful hello within %.0f s; closing", conn.cid,
+                                proto.PREAUTH_TIMEOUT_S)
+                    conn.send(proto.error(None, "invalid_request", f"no successful `hello` within "
+                                                                   f"{proto.PREAUTH_TIMEOUT_S:.0f} s; closing"))
+                    await conn.flush(0.5)
                     break
                 except proto.FrameTooLarge as exc:
                     # The body was not read, so the stream is out of step: say why, then close.
@@ -336,13 +365,15 @@ class Server:
                     continue
                 if not authorized:
                     if not self._token_ok(msg):
-                        await self._refuse(conn, msg.get("id") if isinstance(msg.get("id"), (int, str)) else None)
+                        await self._refuse(conn, proto.reply_id(msg))
                         break
                     authorized = True
                 self._dispatch(conn, msg)
         except (ConnectionError, OSError):
             pass
         finally:
+            if stranger:
+                self._strangers -= 1
             self._disconnect(conn)
             writer_task.cancel()
             try:
@@ -360,6 +391,15 @@ class Server:
         token = params.get("token") if isinstance(params, dict) else None
         return (msg.get("method") == "hello" and isinstance(token, str) and self.token is not None
                 and hmac.compare_digest(token.encode("utf-8", "replace"), self.token.encode("ascii")))
+
+    def _note_refused(self, conn: Connection) -> None:
+        """Log a connection refused for want of room, at most once a minute (with the count since)."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 60:
+            log.warning("client %d: refused, %d connections already wait for their hello (%d refused so far)",
+                        conn.cid, proto.MAX_PREAUTH_CONNECTIONS, self._refused)
+            self._refused_logged = now
 
     async def _refuse(self, conn: Connection, rid: Any) -> None:
         log.warning("client %d: refused, no valid token in its first request", conn.cid)
@@ -380,7 +420,7 @@ class Server:
             log.info("client %d: %d drafts dropped (slow reader)", conn.cid, conn.dropped_drafts)
 
     def _dispatch(self, conn: Connection, msg: dict[str, Any]) -> None:
-        rid = msg.get("id") if isinstance(msg.get("id"), (int, str)) else None
+        rid = proto.reply_id(msg)
         try:
             rid, method, params = proto.check_request(msg)
             if method == "hello":
@@ -396,11 +436,12 @@ class Server:
                 conn.send(proto.result(rid, value))
         except DgemmaError as exc:
             method = msg.get("method")
+            # rid is valid (bounded) or None; SafeFormatter escapes whatever a client put in these.
             log.warning("client %d: %.64s %r rejected: %s: %.300s", conn.cid, method if isinstance(method, str) else "?",
                         rid, exc.code, exc.message)
             conn.send(proto.error(rid, exc.code, exc.message))
         except Exception as exc:  # a bug in a handler must not take the daemon down
-            log.error("internal error handling %r:\n%s", msg.get("method"), traceback.format_exc())
+            log.error("internal error handling %.64r of client %d", msg.get("method"), conn.cid, exc_info=True)
             conn.send(proto.error(rid, "internal", f"internal error: {type(exc).__name__}: {exc}"))
 
     def _hello(self, conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
@@ -447,9 +488,10 @@ class Server:
         kwargs = engine_kwargs(method, params, limits)
         wanted = proto.param(params, "model", str, None)
         if wanted is not None and _canon_model(wanted) != _canon_model(self.model_spec):
-            raise DgemmaError("invalid_params", f"this daemon serves {self.model_spec or 'the bundled model'}, not {wanted}; "
-                                                "run `dgemma stop` first, or use --no-daemon")
-        settings = proto.param(params, "settings", dict, {})
+            raise DgemmaError("invalid_params", f"this daemon serves {self.model_spec or 'the bundled model'}, not "
+                                                f"{proto.clip(wanted, 200)}; run `dgemma stop` first, or use --no-daemon")
+        # Each setting's type and range here, at the door (the engine checks how they combine).
+        settings = check_settings(proto.param(params, "settings", dict, {}))
         deadline_ms = proto.param(params, "deadline_ms", (int, float), None, min=0)
         job = Job(conn, rid, method, kwargs, settings,
                   document=proto.param(params, "document", str, None),
@@ -652,15 +694,18 @@ def engine_kwargs(method: str, params: dict[str, Any], limits: Any) -> dict[str,
         "prefix": p(params, "prefix", str),
         "suffix": p(params, "suffix", str, ""),
         "n": p(params, "n", int, 1, min=1, max=limits.max_n),
-        "seed": p(params, "seed", int, None),
+        "seed": p(params, "seed", int, None, min=-(1 << 63), max=(1 << 64) - 1),  # what torch takes
     }
     max_tokens = p(params, "max_tokens", int, None, min=1, max=limits.max_tokens)
     if method == "fill":
         kwargs["max_tokens"] = max_tokens if max_tokens is not None else min(256, limits.max_tokens)
+        kwargs["max_lines"] = p(params, "max_lines", int, None, min=1, max=1 << 20)
     else:
         kwargs["selection"] = p(params, "selection", str)
-        kwargs["instruction"] = p(params, "instruction", str)
+        kwargs["instruction"] = p(params, "instruction", str, "")
         kwargs["strength"] = p(params, "strength", float, 0.5, min=0.0, max=1.0)
+        if max_tokens is None and not kwargs["instruction"].strip():
+            max_tokens = regeneration_budget(kwargs["selection"], limits.max_tokens)
         if max_tokens is not None:
             kwargs["max_tokens"] = max_tokens
     return kwargs
@@ -677,6 +722,8 @@ def result_payload(res: Any, model_name: str | None) -> dict[str, Any]:
         "ms": float(res.ms),
         "cached_tokens": int(getattr(res, "cached_tokens", 0) or 0),
         "prompt_tokens": int(getattr(res, "prompt_tokens", 0) or 0),
+        "prefix_dropped": int(getattr(res, "prefix_dropped", 0) or 0),
+        "suffix_dropped": int(getattr(res, "suffix_dropped", 0) or 0),
         "canvases": int(getattr(res, "canvases", 0) or 0),
     }
 

@@ -2,7 +2,7 @@
 
 One function per LSP feature, as in jedi-language-server. The concerns live in
 their own modules: ``context`` (what the model sees), ``cache``, ``triggers``
-(debounce and skip rules), ``postprocess`` (cleaning the middle), ``backend``
+(debounce and skip rules), ``backend``
 (the daemon connection, its start-up and failures) and ``progress``.
 """
 from __future__ import annotations
@@ -19,12 +19,12 @@ from lsprotocol import types
 from pygls.lsp.server import LanguageServer
 
 from .. import __version__
-from . import postprocess as pp
 from .backend import Backend, BackendError, DaemonBackend
 from .cache import CompletionCache
 from .context import RingBuffer, build_prompt, language_of, offset_at, position_at, window
 from .progress import StateReporter
 from .settings import Settings
+from .transport import DgemmaProtocol, serve_stdio
 from .triggers import Debouncer, should_trigger
 
 log = logging.getLogger("dgemma.lsp")
@@ -36,7 +36,8 @@ CMD_STATUS = "dgemma.status"
 
 class DgemmaLanguageServer(LanguageServer):
     def __init__(self, backend: Backend | None = None) -> None:
-        super().__init__("dgemma", __version__)
+        # DgemmaProtocol answers every request, even one whose params do not deserialize.
+        super().__init__("dgemma", __version__, protocol_cls=DgemmaProtocol)
         self.settings = Settings()
         self.ring = RingBuffer(self.settings.ring_size)
         self.cache = CompletionCache()
@@ -49,6 +50,11 @@ class DgemmaLanguageServer(LanguageServer):
         # newer one (or $/cancelRequest) can cancel it end to end.
         self.inflight: dict[str, asyncio.Task[Any]] = {}
         self.superseded: set[asyncio.Task[Any]] = set()
+
+    def start_io(self, stdin: Any = None, stdout: Any = None) -> None:
+        """Serve on stdio with dgemma's reader (lsp/transport.py): message size limit, framing
+        problems logged once, the server never dies of its input."""
+        serve_stdio(self, stdin, stdout)
 
     def apply_settings(self, options: Any) -> None:
         self.settings = self.settings.merged(options)
@@ -176,9 +182,10 @@ async def _complete(ls: DgemmaLanguageServer, uri: str, position: types.Position
     if not ls.backend.should_try(automatic):
         return None
 
+    # The daemon cleans the middle (daemon/postprocess.py), as it does for `dgemma fill`.
     task = asyncio.ensure_future(ls.backend.fill(
         prompt.prefix, prompt.suffix, document=uri, max_tokens=max_tokens,
-        n=s.n, seed=s.seed, sampler=s.sampler,
+        n=s.n, seed=s.seed, sampler=s.sampler, max_lines=s.max_lines_automatic if automatic else None,
     ))
     ls.inflight[uri] = task
     try:
@@ -199,8 +206,7 @@ async def _complete(ls: DgemmaLanguageServer, uri: str, position: types.Position
     finally:
         if ls.inflight.get(uri) is task:
             del ls.inflight[uri]
-    middle = pp.postprocess(result.text, prompt.window_prefix, prompt.suffix,
-                            max_lines=s.max_lines_automatic if automatic else None)
+    middle = result.text
     # For `dgemma.status` and bench/lsp.py: the engine's share of this request.
     ls.reporter.last_fill = {"engine_ms": result.ms, "queue_ms": result.queue_ms, "steps": result.steps,
                              "server_ms": (time.monotonic() - t0) * 1000, "chars": len(middle)}
@@ -317,21 +323,21 @@ async def rewrite(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
     selection = text[start:end]
     ls.reporter.busy("Rewriting selection")
     try:
-        if instruction.strip():
-            res = await ls.backend.edit(prefix, selection, suffix, instruction, document=_edit_key(uri),
-                                        strength=s.strength, seed=s.seed, sampler=s.sampler)
-        else:
-            res = await ls.backend.fill(prefix, suffix, document=_edit_key(uri), max_tokens=s.max_tokens_invoked,
-                                        n=s.n, seed=s.seed, sampler=s.sampler)
+        # The daemon fits the answer to the selection (daemon/postprocess.py, clean_replacement).
+        res = await ls.backend.edit(prefix, selection, suffix, instruction, document=_edit_key(uri),
+                                    strength=s.strength, seed=s.seed, sampler=s.sampler)
     except BackendError as exc:
         ls.reporter.request_failed(exc, always=True)
         return {"applied": False, "error": exc.code, "message": exc.message}
     finally:
         ls.reporter.idle()
-    line_start = text.rfind("\n", 0, start) + 1
-    new = _clean_replacement(res.text, selection, text, at_line_start=not text[line_start:start].strip())
-    applied = await _apply(ls, uri, version, rng, new)
-    return {"applied": applied, "text": new}
+    if not res.text:
+        # Applying "" would delete the selection: nothing was asked to be deleted.
+        empty = BackendError("empty", "The model gave nothing for this selection; nothing was changed.")
+        ls.reporter.request_failed(empty, always=True)
+        return {"applied": False, "error": empty.code, "message": empty.message}
+    applied = await _apply(ls, uri, version, rng, res.text)
+    return {"applied": applied, "text": res.text}
 
 
 @server.command(CMD_FILL)
@@ -355,7 +361,7 @@ async def fill(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
         return {"applied": False, "error": exc.code, "message": exc.message}
     finally:
         ls.reporter.idle()
-    middle = pp.postprocess(res.text, prompt.window_prefix, prompt.suffix)
+    middle = res.text
     if not middle:
         return {"applied": False, "text": ""}
     applied = await _apply(ls, uri, version, types.Range(start=pos, end=pos), middle)
@@ -378,21 +384,6 @@ def _edit_key(uri: str) -> str:
     file replaces it.
     """
     return f"{uri}#edit"
-
-
-def _clean_replacement(text: str, selection: str, document: str, at_line_start: bool = False) -> str:
-    """Rewrites keep the document's indentation style and the selection's final newline.
-
-    ``at_line_start``: only blanks precede the selection on its first line, so
-    the replacement's first line is indented like the others.
-    """
-    out = pp.fix_indentation(text.replace("\r\n", "\n"), pp.detect_indent(document),
-                             reindent_first=at_line_start)
-    if selection.endswith("\n") and not out.endswith("\n"):
-        out += "\n"
-    elif not selection.endswith("\n") and out.endswith("\n"):
-        out = out.rstrip("\n")
-    return pp.match_line_endings(out, document)
 
 
 async def _apply(ls: DgemmaLanguageServer, uri: str, version: int | None, rng: types.Range, new_text: str) -> bool:
@@ -444,9 +435,13 @@ def _range_json(r: types.Range) -> dict[str, Any]:
 def main() -> None:
     """Run the language server on stdio (``dgemma lsp``)."""
     level = os.environ.get("DGEMMA_LSP_LOG", "WARNING").upper()
-    # stdout carries the protocol: logs must go to stderr only.
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level, logging.WARNING),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # stdout carries the protocol: logs must go to stderr only, one line per record whatever
+    # a client sent (the daemon's SafeFormatter).
+    from dgemma.daemon.logs import SafeFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(handlers=[handler], level=getattr(logging, level, logging.WARNING))
     server.start_io()
 
 

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 
-from dgemma.daemon.cli import _check_plan, _check_runtime_dir, _plan_bytes, _regeneration_budget, _same_final_newline
+from dgemma.daemon.answers import regeneration_budget
+from dgemma.daemon.cli import _check_plan, _check_runtime_dir, _plan_bytes
 from dgemma.daemon.loading import BUNDLED_MODEL_DIR
 from test_daemon_util import BUSY, FAST_CONFIG, Raw, daemon, dgemma, isolated_env, short_tmp  # noqa: F401  (fixture)
 
@@ -103,7 +104,8 @@ def test_fill_json(daemon, tmp_path):
     r = dgemma(["fill", f"{f}:4:12", "--json", *FAST], daemon.env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert set(out) == {"middle", "model", "steps", "ms"} and isinstance(out["middle"], str) and out["steps"] >= 1
+    assert set(out) == {"middle", "model", "steps", "ms", "prefix_dropped", "suffix_dropped"}
+    assert isinstance(out["middle"], str) and out["steps"] >= 1 and out["prefix_dropped"] == out["suffix_dropped"] == 0
     assert f.read_bytes() == SOURCE
 
 
@@ -194,18 +196,11 @@ def test_doctor_plans_memory_with_the_configured_quantization():
     assert level == "ok" and "nvfp4" in text
 
 
-def test_regeneration_budget_and_final_newline(tmp_path, monkeypatch):
-    monkeypatch.setenv("DGEMMA_CONFIG_DIR", str(tmp_path))
+def test_regeneration_budget():
     region = "value = compute(item)\n" * 60  # ~1,300 bytes: far over the old fixed 256 tokens
-    small, big = _regeneration_budget("x = 1\n"), _regeneration_budget(region)
+    small, big = regeneration_budget("x = 1\n", 4096), regeneration_budget(region, 4096)
     assert 64 < small < big and big >= 1.5 * len(region) / 4
-    (tmp_path / "config.toml").write_text("[limits]\nmax_tokens = 100\n")
-    assert _regeneration_budget(region) == 100
-    # The range is whole lines: a line break it had stays, and the file's last line (which
-    # had none) gets none.
-    assert _same_final_newline("a\n", "b") == "b\n" and _same_final_newline("a\n", "b\n") == "b\n"
-    assert _same_final_newline("a", "b\n\n") == "b" and _same_final_newline("a", "b\nc") == "b\nc"
-    assert _same_final_newline("a\n", "") == ""
+    assert regeneration_budget(region, 100) == 100
 
 
 def test_autostart_races_start_one_daemon_and_no_daemon_mode(tmp_path):

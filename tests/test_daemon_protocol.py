@@ -95,10 +95,11 @@ def test_bad_requests_get_clear_errors_and_connection_survives(daemon):
         c.send_bytes(proto.HEADER.pack(3) + msgpack.packb([1, 2]))
         assert c.recv()["error"]["code"] == "invalid_request"
         assert c.call("ping")[-1]["result"]["pong"]
-    # Each rejection is one log line naming the client: at the door (unknown method) and in
-    # the engine (an unknown sampler setting).
+    # Each rejection is one log line naming the client: at the door (unknown method, an unknown
+    # sampler setting) and in the engine (nothing to fill).
     assert "unknown method" in daemon.wait_for_log(r"client \d+: nope 1 rejected: invalid_request")
-    assert "bogus" in daemon.wait_for_log(r"client \d+: fill 8 failed: invalid_params")
+    assert "bogus" in daemon.wait_for_log(r"client \d+: fill 8 rejected: invalid_params")
+    assert "Nothing to fill" in daemon.wait_for_log(r"client \d+: fill 10 failed: invalid_params")
 
 
 def _status(c: Raw) -> dict:
