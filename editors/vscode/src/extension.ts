@@ -1,7 +1,9 @@
 // VS Code side of dgemma: starts `dgemma lsp`, lets vscode-languageclient register
 // inline completion (ghost text), and adds the rewrite command and a status bar item.
+import * as os from "node:os";
 import * as vscode from "vscode";
 import {
+  CancellationToken,
   ExecuteCommandRequest,
   LanguageClient,
   LanguageClientOptions,
@@ -11,11 +13,13 @@ import {
 
 import {
   DaemonStatus,
+  guardWorkspaceEdit,
+  LspRange,
   needsInstruction,
   rewriteArguments,
   rewriteOutcome,
-  serverCommand,
   serverOptions,
+  serverProcess,
   statusView,
   withInstruction,
 } from "./logic";
@@ -23,6 +27,7 @@ import {
 let client: LanguageClient | undefined;
 let statusItem: vscode.StatusBarItem;
 let lastStatus: DaemonStatus | undefined;
+let serverCwd: string = os.homedir();
 
 function settings(): Record<string, unknown> {
   const cfg = vscode.workspace.getConfiguration("dgemma");
@@ -38,6 +43,7 @@ function showStatus(status: DaemonStatus | undefined): void {
   const view = statusView(status);
   statusItem.text = view.text;
   statusItem.tooltip = view.tooltip;
+  statusItem.accessibilityInformation = { label: view.tooltip };
   statusItem.backgroundColor = view.error ? new vscode.ThemeColor("statusBarItem.errorBackground") : undefined;
   statusItem.show();
 }
@@ -50,9 +56,20 @@ async function askInstruction(): Promise<string | undefined> {
   });
 }
 
+/** The open document's text in an LSP range (undefined when the document is not open). */
+function textAt(c: LanguageClient, uri: string, range: LspRange): string | undefined {
+  const wanted = c.protocol2CodeConverter.asUri(uri).toString();
+  const doc = vscode.workspace.textDocuments.find((d) => d.uri.toString() === wanted);
+  return doc?.getText(c.protocol2CodeConverter.asRange(range));
+}
+
 async function startClient(): Promise<void> {
-  const cmd = serverCommand(vscode.workspace.getConfiguration("dgemma").get("serverCommand"));
-  const server: ServerOptions = { command: cmd.command, args: cmd.args };
+  // Never the workspace folder (see serverProcess).
+  const server: ServerOptions = serverProcess(
+    vscode.workspace.getConfiguration("dgemma").get("serverCommand"),
+    serverCwd,
+    process.env,
+  );
   const options: LanguageClientOptions = {
     documentSelector: [{ scheme: "file" }, { scheme: "untitled" }],
     initializationOptions: serverOptions(settings()),
@@ -70,6 +87,15 @@ async function startClient(): Promise<void> {
         const problem = command.startsWith("dgemma.") && command !== "dgemma.status" ? rewriteOutcome(result) : undefined;
         if (problem) void vscode.window.showWarningMessage(problem);
         return result;
+      },
+      workspace: {
+        // Defence in depth: whatever the server sends, an empty or whitespace-only
+        // replacement never overwrites code. The command's result then tells the user.
+        handleApplyEdit: async (params, next) => {
+          const refused = guardWorkspaceEdit(params.edit, (uri, range) => textAt(c, uri, range));
+          if (refused) return { applied: false, failureReason: refused };
+          return next(params, CancellationToken.None);
+        },
       },
     },
   };
@@ -113,10 +139,18 @@ async function rewriteSelection(): Promise<void> {
 }
 
 export async function activate(context: vscode.ExtensionContext): Promise<void> {
-  statusItem = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
+  statusItem = vscode.window.createStatusBarItem("dgemma.status", vscode.StatusBarAlignment.Right, 100);
+  statusItem.name = "dgemma";
   statusItem.command = "dgemma.showStatus";
   context.subscriptions.push(statusItem);
   showStatus({ state: "starting", message: "Starting the language server" });
+  // The server's working directory: a folder of the extension's own, created here.
+  try {
+    await vscode.workspace.fs.createDirectory(context.globalStorageUri);
+    if (context.globalStorageUri.scheme === "file") serverCwd = context.globalStorageUri.fsPath;
+  } catch {
+    serverCwd = os.homedir();
+  }
 
   context.subscriptions.push(
     vscode.commands.registerCommand("dgemma.rewriteSelection", rewriteSelection),

@@ -48,6 +48,7 @@ export const SERVER_SETTINGS = [
   "extraTokens",
   "strength",
   "sampler",
+  "seed",
 ] as const;
 
 /**
@@ -62,6 +63,8 @@ export function serverOptions(settings: Record<string, unknown>): Record<string,
     if (value === undefined || value === null) continue;
     if (key === "sampler") {
       if (typeof value === "object" && !Array.isArray(value)) out[key] = value;
+    } else if (key === "seed") {
+      if (typeof value === "number" && Number.isSafeInteger(value) && value >= 0) out[key] = value;
     } else if (typeof value === "number" && Number.isFinite(value) && value >= 0) {
       out[key] = value;
     }
@@ -80,6 +83,21 @@ export function serverCommand(setting: unknown): { command: string; args: string
     return { command: parts[0], args: parts.slice(1) };
   }
   return { command: "dgemma", args: ["lsp"] };
+}
+
+/**
+ * How to start `dgemma lsp`: never in the workspace folder. `python -m dgemma.lsp` puts its
+ * working directory first on sys.path, so a workspace with a top-level `kernels/` or `dgemma/`
+ * folder would shadow installed packages. `cwd` is a folder of the extension's own (its global
+ * storage) or the user's home; PYTHONSAFEPATH=1 keeps Python 3.11+ from adding it at all.
+ */
+export function serverProcess(
+  setting: unknown,
+  cwd: string,
+  env: Record<string, string | undefined>,
+): { command: string; args: string[]; options: { cwd: string; env: Record<string, string | undefined> } } {
+  const cmd = serverCommand(setting);
+  return { ...cmd, options: { cwd, env: { ...env, PYTHONSAFEPATH: "1" } } };
 }
 
 export interface LspPosition {
@@ -118,12 +136,61 @@ export function withInstruction(args: unknown[], instruction: string): unknown[]
   return [args[0], args[1], instruction];
 }
 
+export const NOTHING_WRITTEN = "dgemma: the model gave nothing (an empty answer); the code was left as it was";
+
 /** The server's answer to dgemma.rewrite / dgemma.fill, as a message for the user (undefined: success). */
 export function rewriteOutcome(result: unknown): string | undefined {
   if (!result || typeof result !== "object") return "dgemma: no answer from the language server";
   const r = result as { applied?: boolean; message?: string; text?: string };
   if (r.applied) return undefined;
   if (r.message) return r.message.startsWith("dgemma") ? r.message : `dgemma: ${r.message}`;
-  if (r.text === "") return "dgemma: the model had nothing to write here";
+  // Empty or whitespace only: the model wrote nothing (refused by the server or by
+  // guardWorkspaceEdit below, or nothing to insert for a fill).
+  if (typeof r.text === "string" && r.text.trim() === "") return NOTHING_WRITTEN;
   return "dgemma: the edit was not applied (the document changed meanwhile?)";
+}
+
+/**
+ * True when applying `replacement` over `original` would only delete code: the new text is
+ * empty or whitespace while the replaced text was not. A rewrite must never do that (issue 21:
+ * an empty answer for a selected `def` line deleted the line).
+ */
+export function deletesCode(original: string, replacement: string): boolean {
+  return replacement.trim() === "" && original.trim() !== "";
+}
+
+/** The parts of an LSP WorkspaceEdit the guard reads. */
+export interface TextEditLike {
+  range: LspRange;
+  newText: string;
+}
+export interface WorkspaceEditLike {
+  changes?: Record<string, TextEditLike[]>;
+  documentChanges?: unknown[];
+}
+
+/**
+ * Checks an edit the server asks the editor to apply (`workspace/applyEdit`): undefined when it
+ * may be applied, else why not. `textAt(uri, range)` is the document's current text in `range`
+ * (undefined when the document is not open: such an edit is left to the editor).
+ */
+export function guardWorkspaceEdit(
+  edit: WorkspaceEditLike | undefined,
+  textAt: (uri: string, range: LspRange) => string | undefined,
+): string | undefined {
+  const edits: Array<[string, TextEditLike]> = [];
+  for (const [uri, list] of Object.entries(edit?.changes ?? {})) {
+    for (const e of list ?? []) edits.push([uri, e]);
+  }
+  for (const change of edit?.documentChanges ?? []) {
+    const c = change as { textDocument?: { uri?: unknown }; edits?: unknown };
+    if (!c || typeof c.textDocument?.uri !== "string" || !Array.isArray(c.edits)) continue; // create/rename/delete
+    for (const e of c.edits as TextEditLike[]) edits.push([c.textDocument.uri, e]);
+  }
+  for (const [uri, e] of edits) {
+    if (!e || typeof e.newText !== "string" || !e.range) continue;
+    const original = textAt(uri, e.range);
+    if (original !== undefined && deletesCode(original, e.newText)) return NOTHING_WRITTEN;
+  }
+  return undefined;
 }
