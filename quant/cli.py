@@ -48,7 +48,7 @@ def quantize_cmd(
     from dgemma.quant.formats import FORMATS
     from dgemma.quant.meta import load_config, meta_model
     from dgemma.quant.reader import TensorStore, quant_format
-    from dgemma.quant.writer import LAYOUTS, save_quantized
+    from dgemma.quant.writer import LAYOUTS, VISION_MODULES, save_quantized
 
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -78,16 +78,26 @@ def quantize_cmd(
         _fail(f"{dst} exists and is not empty")
     try:
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        dt = TensorStore(src).floating_dtype() if dtype == "auto" else dtypes[dtype]
+        store = TensorStore(src)
+        dt = store.floating_dtype() if dtype == "auto" else dtypes[dtype]
         model = meta_model(load_config(src))
         load_quantized_into(model, src, dev, dt, quantize=format, dense=dense_fmt, progress=True)
-        save_quantized(model, dst, layout, progress=True)
+        # dgemma never loads the vision tower, but a serving engine (vLLM) builds it and wants its
+        # weights: the external layouts carry them through, in high precision and excluded from the
+        # quantization config.
+        vision = {k: _cast(store.get(k), dt) for k in store.keys()
+                  if layout != "dgemma" and any(f".{v}." in f".{k}" for v in VISION_MODULES)}
+        save_quantized(model, dst, layout, progress=True, extra=vision)
     except (ValueError, OSError, RuntimeError) as exc:
         _fail(str(exc))
     for name in _COPY:
         if (src / name).is_file():
             shutil.copy(src / name, dst / name)
     print(f"wrote {dst} (experts {format}, dense {dense_fmt or str(dt).removeprefix('torch.')}, layout {layout})")
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if t.is_floating_point() else t
 
 
 def plan_cmd(

@@ -196,11 +196,16 @@ def quantize(w: torch.Tensor, fmt: str = "nvfp4", segments: int = 1) -> Quantize
 
 
 def dequantize(q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[..., N, K] weight in `dtype`; computed in fp32 so every format decodes exactly."""
+    """[..., N, K] weight in `dtype`, computed in fp32 as code value × (block scale × global scale).
+
+    The effective block scale is formed first, as NVIDIA ModelOpt's NVFP4 dequantization does,
+    so a ModelOpt checkpoint decodes to exactly ModelOpt's values (tests/test_quant_real_tools.py).
+    compressed-tensors divides by its global scale where we (and vLLM) multiply by the stored
+    reciprocal: the two can differ in the last bits of fp32 (~1e-7 relative), not beyond."""
     table = code_table(q.fmt).to(q.packed.device)
     vals = table[unpack_codes(q.packed)]  # [..., N, K]
-    blocks = _blocks(vals, q.block) * q.scales.float()[..., None]
     n = q.packed.shape[-2]
     segs = q.global_scale.shape[-1]
-    g_rows = q.global_scale.float().repeat_interleave(n // segs, dim=-1)[..., None]
-    return (blocks.flatten(-2) * g_rows).to(dtype)
+    g_rows = q.global_scale.float().repeat_interleave(n // segs, dim=-1)[..., None]  # [..., N, 1]
+    block_scale = q.scales.float() * g_rows  # [..., N, K/block]
+    return (_blocks(vals, q.block) * block_scale[..., None]).flatten(-2).to(dtype)

@@ -6,11 +6,15 @@
 * ModelOpt NVFP4: `<linear>.weight` uint8, `.weight_scale` E4M3, `.weight_scale_2` fp32 (the
   dequant multiplier), `.input_scale` (activation scale; unused by our W4A16 kernels).
 * compressed-tensors nvfp4-pack-quantized: `<linear>.weight_packed`, `.weight_scale` E4M3,
-  `.weight_global_scale` = 1 / dequant multiplier.
+  `.weight_global_scale` = 1 / dequant multiplier (fp32 [1]).
 
-Both external tools write MoE experts as one Linear per expert and projection
-(`<experts>.<e>.{gate,up,down}_proj`); we fuse gate and up back into gate_up, keeping
-each half's global scale as its own row segment so nothing is re-quantized.
+Both packings put the first element of a pair in the low nibble. Both external tools write
+DiffusionGemma's fused 3-D experts as one Linear per expert and projection
+(`<experts>.<e>.{gate,up,down}_proj`): ModelOpt 0.47's `export_hf_checkpoint` splits them
+so, and llm-compressor linearizes them so before compressed-tensors compresses them
+(tests/test_quant_real_tools.py writes both with the real libraries). We fuse gate and up
+back into gate_up, keeping each half's global scale as its own row segment so nothing is
+re-quantized.
 """
 
 from __future__ import annotations
@@ -132,10 +136,11 @@ def write_linear(fmt: str, name: str, q: QuantizedWeight) -> dict[str, torch.Ten
             f"{name}.weight": q.packed, f"{name}.weight_scale": q.scales,
             f"{name}.weight_scale_2": g, f"{name}.input_scale": torch.tensor(1.0),
         }
+    # Weight-only (NVFP4A16) scheme: compressed-tensors expects exactly these three tensors and
+    # reports any other (an activation scale) as an unexpected key.
     return {
         f"{name}.weight_packed": q.packed, f"{name}.weight_scale": q.scales,
         f"{name}.weight_global_scale": (1.0 / g).reshape(1),
-        f"{name}.input_global_scale": torch.ones(1),
     }
 
 

@@ -78,46 +78,82 @@ def _is_bnb(module: nn.Module) -> bool:
     return type(module).__name__ == "Linear4bit"
 
 
+_PRODUCER = {"name": "modelopt", "version": "dgemma-writer"}
+# The vision tower and its embedder are never loaded by dgemma; a serving engine builds them, and
+# they stay in high precision (copied through by `dgemma quantize` when the source has them).
+VISION_MODULES = ("vision_tower", "embed_vision")
+
+
+def dense_linear_names(model: nn.Module) -> list[str]:
+    """Every name (encoder's and decoder's) of an nn.Linear the checkpoint keeps in high precision:
+    router projections, lm_head, and the layers' Linears unless they were quantized."""
+    return sorted({name for name, m in model.named_modules(remove_duplicate=False) if type(m) is nn.Linear})
+
+
 def _quant_config(model: nn.Module, layout: str) -> dict:
+    """quantization_config for config.json, in each tool's own shape.
+
+    For ModelOpt and compressed-tensors the config targets every Linear, so each Linear left in
+    high precision must be listed as ignored: a reader (compressed-tensors, vLLM) otherwise expects
+    4-bit tensors for it. Names are listed one by one, as compressed-tensors itself writes them."""
     experts = {m.gate_up_q.fmt for m in model.modules() if isinstance(m, QuantizedExperts)}
     dense = {m.qweight.fmt for m in model.modules() if isinstance(m, QuantLinear)}
     dense |= {"nf4" for m in model.modules() if _is_bnb(m)}
     if layout == DGEMMA:
         return {"quant_method": DGEMMA, "experts": sorted(experts), "dense": sorted(dense)}
+    kept = dense_linear_names(model)
+    nvfp4 = {"num_bits": 4, "type": "float", "group_size": 16}
     if layout == MODELOPT:
-        return {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16}
+        return {
+            "quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "producer": _PRODUCER,
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {**nvfp4, "dynamic": False},
+                                          "input_activations": {**nvfp4, "dynamic": False}}},
+            "ignore": kept + [f"*{v}*" for v in VISION_MODULES], "kv_cache_quant_algo": None,
+        }
     return {
         "quant_method": COMPRESSED_TENSORS,
         "format": "nvfp4-pack-quantized",
+        "quantization_status": "compressed",
         "config_groups": {
             "group_0": {
                 "targets": ["Linear"],
-                "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group",
-                            "group_size": 16, "symmetric": True},
+                "weights": {**nvfp4, "strategy": "tensor_group", "symmetric": True, "dynamic": False,
+                            "scale_dtype": "torch.float8_e4m3fn"},
+                "input_activations": None,
+                "output_activations": None,
+                "format": "nvfp4-pack-quantized",
             }
         },
-        "ignore": ["lm_head", "re:.*router.*"],
+        "ignore": kept + [f"re:.*{v}.*" for v in VISION_MODULES],
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "transform_config": {},
     }
 
 
 def save_quantized(
     model: nn.Module, dst: str | Path, layout: str = DGEMMA, shard_bytes: int = SHARD_BYTES,
-    fused_experts: bool = False, progress: bool = False,
+    fused_experts: bool = False, progress: bool = False, extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write config.json (with quantization_config) and safetensors shards to `dst`.
 
     `fused_experts` (ModelOpt only) writes experts as 3-D tensors instead of one Linear each;
-    `progress` shows the bytes written."""
+    `progress` shows the bytes written; `extra` tensors (the source's vision tower, which the
+    model here does not hold) are written as they are."""
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     tensors = checkpoint_tensors(model, layout, fused_experts)
+    clash = sorted(set(extra or {}) & set(tensors))
+    if clash:
+        raise CheckpointError(f"extra tensors would overwrite the model's own: {', '.join(clash[:5])}")
+    tensors.update({k: _owned(v.detach().cpu()) for k, v in (extra or {}).items()})
     config = model.config.to_dict()
     config["quantization_config"] = _quant_config(model, layout)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if layout == MODELOPT:
-        hf = {"producer": {"name": "modelopt", "version": "dgemma-writer"},
+        hf = {"producer": _PRODUCER,
               "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16,
-                               "exclude_modules": ["lm_head", "*router*"]}}
+                               "exclude_modules": config["quantization_config"]["ignore"]}}
         (dst / "hf_quant_config.json").write_text(json.dumps(hf, indent=2) + "\n")
     _write_shards(tensors, dst, shard_bytes, progress)
     return dst
