@@ -1,9 +1,11 @@
 """Engine benchmark: loop overhead per denoising step, tokens per forward, prefix-cache speedup.
 
     python bench/engine.py [--model DIR] [--steps 16] [--repeats 5]
+    python bench/engine.py --shape 26b [--repeats 21] [--compile]   # host cost of a 26B-A4B decoder step
 
-Without --model it uses the bundled model. Prints a markdown table; figures go into BENCHMARKS.md
-with the machine they came from.
+Without --model it uses the bundled model. `--shape 26b` measures no model at all: it counts the
+operators and host syncs of one 26B-A4B decoder step and times its host cost (bench/host_cost.py).
+Prints a markdown table; figures go into BENCHMARKS.md with the machine they came from.
 """
 from __future__ import annotations
 
@@ -83,13 +85,43 @@ def prefix_cache_speedup(engine: Engine, repeats: int) -> tuple[float, float, in
     prefix = engine.tokenizer.decode(ids[: min(2000, engine.context_limit - engine.canvas_length - 64)])
     prefix = prefix[: prefix.rfind("\n") + 1]
     cold_engine = Engine(engine.loaded, prefix_cache_bytes=0)
-    cold = median_time(lambda: cold_engine._prefill(*cold_engine._context(engine.bos_token, prefix + "x = 1")),
-                       repeats)
-    engine._prefill(*engine._context(engine.bos_token, prefix + "x = 1"))
+    cold = median_time(lambda: prefill(cold_engine, prefix + "x = 1"), repeats)
+    prefill(engine, prefix + "x = 1")
     counter = iter(range(10**6))
-    warm = median_time(lambda: engine._prefill(*engine._context(engine.bos_token, prefix + f"x = {next(counter)}")),
-                       repeats)
-    return cold, warm, len(engine._context(engine.bos_token, prefix)[0])
+    warm = median_time(lambda: prefill(engine, prefix + f"x = {next(counter)}"), repeats)
+    return cold, warm, len(engine._context(engine.bos_token, prefix, ROOM)[0])
+
+
+ROOM = 256  # tokens left for the answer, as a fill with max_tokens 256 leaves
+
+
+def prefill(engine: Engine, text: str) -> tuple[int, int, int]:
+    """The prefill a fill at the end of ``text`` does: (prompt tokens, tokens from the cache,
+    characters left out of the window)."""
+    ids, stable, window = engine._context(engine.bos_token, text, ROOM)
+    _, cached = engine._prefill(ids, stable)
+    return len(ids), cached, window.dropped
+
+
+def sliding_window(engine: Engine, lines: int = 5000) -> list[tuple[str, int, int, bool, float]]:
+    """Fills at the end of a ``lines``-line file, then further down it, with a prefix cache:
+    (step, prompt tokens, tokens re-encoded, whether the window's start moved, prefill ms). The
+    window (daemon/window.py) starts on a line that moves in steps of ALIGN_LINES, so most steps
+    re-encode only the new lines."""
+    body = "".join(f"def handler_{i}(request, value={i}):\n    return process(request, value * {i})\n\n"
+                   for i in range(lines // 3 + 1))
+    text = "\n".join(body.split("\n")[:lines]) + "\n"
+    warm = Engine(engine.loaded)
+    rows, last_start = [], None
+    for extra in range(0, 33, 4):
+        grown = text + "".join(f"x_{j} = handler_{j}(None)\n" for j in range(extra))
+        start = time.perf_counter()
+        prompt, cached, dropped = prefill(warm, grown)
+        rows.append((f"{extra} lines further" if extra else "last line of the file (cold)", prompt,
+                     prompt - cached, last_start is not None and dropped != last_start,
+                     (time.perf_counter() - start) * 1e3))
+        last_start = dropped
+    return rows
 
 
 def main() -> None:
@@ -97,12 +129,21 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shape", choices=["model", "26b"], default="model",
+                        help="26b: host cost of a 26B-A4B decoder step on fake tensors (bench/host_cost.py)")
+    parser.add_argument("--compile", action="store_true", help="with --shape 26b: also time torch.compile")
     args = parser.parse_args()
+    if args.shape == "26b":
+        from host_cost import report  # bench/ is this script's folder
+
+        report(args.repeats, args.compile)
+        return
     torch.manual_seed(0)
     engine = Engine(load_model(args.model))
     loop, bare, rows = loop_overhead(engine, args.steps, args.repeats)
     tpf, tokens, steps = tokens_per_forward(engine)
     cold, warm, prompt = prefix_cache_speedup(engine, args.repeats)
+    sliding = sliding_window(engine)
     cfg = engine.text_config
     params = sum(p.numel() for p in engine.model.parameters()) / 1e6
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
@@ -116,6 +157,10 @@ def main() -> None:
     print(f"| prefill of a {prompt}-token prefix, cold | {cold * 1e3:.1f} ms |")
     print(f"| same prefix, one-line change at the end (cache hit) | {warm * 1e3:.1f} ms |")
     print(f"| prefix-cache speedup | {cold / warm:.1f}x |")
+    print("\nFills at the end of a 5,000-line file, the context window sliding (one run, in order):\n")
+    print("| fill | prompt tokens | re-encoded | window start moved | prefill |\n|---|---|---|---|---|")
+    for label, prompt_tokens, encoded, moved, ms in sliding:
+        print(f"| {label} | {prompt_tokens} | {encoded} | {'yes' if moved else 'no'} | {ms:.1f} ms |")
 
 
 if __name__ == "__main__":

@@ -54,14 +54,26 @@ def encode(model, ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
     start = cache.get_seq_length()
     batch, length = ids.shape
     positions = torch.arange(start, start + length, dtype=torch.int32, device=ids.device).unsqueeze(0)
-    seen = torch.ones((batch, start + length), dtype=torch.bool, device=ids.device)
+    _window_tensors_on(cache, ids.device)
     encoder = model.model.encoder
+    # No padding mask: every position is real, and an all-ones mask only makes transformers check
+    # that it is all ones (a host sync on a GPU) before building the same causal masks.
     masks = encoder.create_masks_for_generate(
         config=model.config, inputs_embeds=torch.empty((batch, length, 0), dtype=model.dtype, device=ids.device),
-        attention_mask=seen, cache=cache, position_ids=positions,
+        attention_mask=None, cache=cache, position_ids=positions,
     )
     return encoder(input_ids=ids.contiguous(), attention_mask=masks, cache=cache,
                    position_ids=positions).last_hidden_state
+
+
+def _window_tensors_on(cache: DynamicCache, device: torch.device) -> None:
+    """A fresh cache's sliding layers hold their window size as a CPU tensor, which their first
+    update copies to the device: a blocking copy per layer, each waiting for the layers before it.
+    Made on the device instead (a fill, no copy), the first encoder pass never waits either."""
+    for layer in cache.layers:
+        window = getattr(layer, "_sliding_window_tensor", None)
+        if isinstance(window, torch.Tensor) and window.device != device:
+            layer._sliding_window_tensor = torch.full((), layer.sliding_window, dtype=window.dtype, device=device)
 
 
 def expand_cache(cache: DynamicCache, batch: int) -> DynamicCache:
@@ -97,11 +109,14 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
     positions = torch.arange(start, start + canvas_length, dtype=torch.int32, device=device).unsqueeze(0)
     cache = expand_cache(cache, batch)
     free = ~pinned
-    any_pinned = bool(pinned.any())
+    # The canvas's one host sync before its steps: where the pins are. The free positions are the
+    # others, in order (a stable sort puts them first), so their count needs no second sync.
     pin_rows, pin_cols = pinned.nonzero(as_tuple=True)
+    any_pinned = pin_rows.numel() > 0
     pin_values = canvas[pin_rows, pin_cols]
-    free_rows, free_cols = free.nonzero(as_tuple=True)
-    free_index = free_rows * canvas_length + free_cols
+    free_total = batch * canvas_length - pin_rows.numel()
+    free_index = torch.argsort(pinned.reshape(-1).to(torch.uint8), stable=True)[:free_total]
+    free_rows, free_cols = free_index // canvas_length, free_index % canvas_length
     free_count = free.sum(-1).clamp(min=1)
 
     current, argmax = canvas, canvas
@@ -109,6 +124,7 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
     # The last `stability_threshold` argmax canvases; a row is stable when all equal the new one.
     history: list[torch.Tensor] = []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    any_finished = False  # known on the host from the last step's stop check
     last_entropy = torch.zeros(batch, canvas_length, device=device)  # read only once a row has finished
     row_temperature = torch.ones(batch, 1, 1, device=device)  # what each row's last logits were divided by
     steps = 0
@@ -144,12 +160,13 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
 
         # Rows that already stopped keep their canvas, argmax, logits and so their entropy (copied
         # row by row: recomputing it over the whole batch cost more than the sampling itself).
-        if finished.any():
+        # Selected with torch.where, not boolean indexing, which would wait for the device.
+        if any_finished:
             new_argmax = torch.where(finished[:, None], argmax, new_argmax)
             new_current = torch.where(finished[:, None], current, new_current)
-            logits[finished] = sc_logits[finished].to(logits.dtype)
+            torch.where(finished[:, None, None], sc_logits, logits, out=logits)
             entropy = torch.where(finished[:, None], last_entropy, entropy)
-        row_temperature[~finished] = temperature
+        row_temperature = torch.where(finished[:, None, None], row_temperature, temperature)
         if settings.stability_threshold == 0:
             stable = torch.ones_like(finished)
         elif len(history) < settings.stability_threshold:
@@ -164,8 +181,11 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
         sc_logits = logits.to(embed_dtype)
         if on_step is not None:
             on_step(StepState(step=steps, argmax=argmax, entropy=entropy, finished=finished))
-        if bool(finished.all()):
+        # The step's one host sync: which rows have stopped.
+        done = finished.tolist()
+        if all(done):
             break
+        any_finished = any(done)
     # Each row's confidence in its own result, from the last step it was still denoising, at
     # temperature 1: at the late steps' low temperature every log-probability is ~0, and rows could
     # not be told apart.

@@ -86,7 +86,7 @@ def _configs() -> list[triton.Config]:
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _w4a16_kernel(
     a_ptr, p_ptr, s_ptr, g_ptr, lut_ptr, c_ptr, rows_ptr, expert_ptr, tw_ptr,
-    M, N, K, num_rows, seg_rows, M_BUCKET,
+    M, N, K, num_rows, seg_rows, num_experts, M_BUCKET,
     stride_am, stride_ak,
     stride_pe, stride_pn,
     stride_se, stride_sn,
@@ -100,10 +100,14 @@ def _w4a16_kernel(
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if MOE:
+        e = tl.load(expert_ptr + pid_m).to(tl.int64)
+        # The grid has room for the most blocks any routing can need; the blocks past the last
+        # expert's are marked with expert num_experts and do nothing.
+        if e >= num_experts:
+            return
         rows = tl.load(rows_ptr + offs_m)
         row_mask = rows < num_rows
         a_rows = rows // A_ROW_DIV
-        e = tl.load(expert_ptr + pid_m).to(tl.int64)
     else:
         rows = offs_m
         row_mask = offs_m < M
@@ -182,53 +186,95 @@ def _scale_arg(w: QuantizedWeight) -> tuple[torch.Tensor, bool]:
     return w.scales.float(), False
 
 
+# The launches are torch operators (dgemma::w4a16_mm, dgemma::moe_w4a16_mm) with shape-only fake
+# implementations: torch.compile traces through them as single nodes, and a step built on fake or
+# meta tensors (bench/engine.py --shape 26b) runs without launching anything.
+_LIB = torch.library.Library("dgemma", "FRAGMENT")
+_LIB.define("w4a16_mm(Tensor a, Tensor packed, Tensor scales, Tensor global_scale, Tensor lut, "
+            "int group, bool e4m3) -> Tensor")
+_LIB.define("moe_w4a16_mm(Tensor a, Tensor packed, Tensor scales, Tensor global_scale, Tensor lut, "
+            "Tensor sorted_rows, Tensor block_expert, Tensor? row_weight, int num_rows, int a_row_div, "
+            "int group, bool e4m3, bool fuse_gate, int block_m, bool zero_fill) -> Tensor")
+
+
+def _w4a16_mm(a, packed, scales, global_scale, lut, group, e4m3):
+    m, k = a.shape
+    n = packed.shape[-2]
+    out = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    bm = _block_m(m)
+    seg_rows = n // global_scale.shape[-1]
+    grid = lambda meta: (triton.cdiv(m, bm), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    _w4a16_kernel[grid](
+        a, packed, scales, global_scale, lut, out, a, a, a,
+        m, n, k, m, seg_rows, 0, _bucket(m),
+        a.stride(0), a.stride(1),
+        0, packed.stride(-2),
+        0, scales.stride(-2),
+        0,
+        out.stride(0), out.stride(1),
+        GROUP=group, SCALE_E4M3=e4m3,
+        MOE=False, A_ROW_DIV=1, MUL_WEIGHT=False, FUSE_GATE=False,
+        BLOCK_M=bm, UPCAST=_INTERPRET,
+    )
+    return out
+
+
+def _w4a16_mm_fake(a, packed, scales, global_scale, lut, group, e4m3):
+    return a.new_empty(a.shape[0], packed.shape[-2])
+
+
+def _moe_w4a16_mm(a, packed, scales, global_scale, lut, sorted_rows, block_expert, row_weight, num_rows,
+                  a_row_div, group, e4m3, fuse_gate, block_m, zero_fill):
+    k = a.shape[1]
+    n = packed.shape[1] // (2 if fuse_gate else 1)
+    out = (torch.zeros if zero_fill else torch.empty)(num_rows, n, dtype=a.dtype, device=a.device)
+    seg_rows = packed.shape[1] // global_scale.shape[-1]
+    grid = lambda meta: (block_expert.numel(), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    _w4a16_kernel[grid](
+        a, packed, scales, global_scale, lut, out, sorted_rows, block_expert,
+        row_weight if row_weight is not None else a,
+        num_rows, n, k, num_rows, seg_rows, packed.shape[0], block_m,
+        a.stride(0), a.stride(1),
+        packed.stride(0), packed.stride(1),
+        scales.stride(0), scales.stride(1),
+        global_scale.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, SCALE_E4M3=e4m3,
+        MOE=True, A_ROW_DIV=a_row_div, MUL_WEIGHT=row_weight is not None, FUSE_GATE=fuse_gate,
+        BLOCK_M=block_m, UPCAST=_INTERPRET,
+    )
+    return out
+
+
+def _moe_w4a16_mm_fake(a, packed, scales, global_scale, lut, sorted_rows, block_expert, row_weight, num_rows,
+                       a_row_div, group, e4m3, fuse_gate, block_m, zero_fill):
+    return a.new_empty(num_rows, packed.shape[1] // (2 if fuse_gate else 1))
+
+
+# CPU runs them only under TRITON_INTERPRET.
+for _device in ("CPU", "CUDA"):
+    _LIB.impl("w4a16_mm", _w4a16_mm, _device)
+    _LIB.impl("moe_w4a16_mm", _moe_w4a16_mm, _device)
+torch.library.register_fake("dgemma::w4a16_mm", _w4a16_mm_fake, lib=_LIB)
+torch.library.register_fake("dgemma::moe_w4a16_mm", _moe_w4a16_mm_fake, lib=_LIB)
+
+
 def w4a16_matmul_triton(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     """x [..., K] @ W[N, K]^T with W 2-D 4-bit; output in x's dtype."""
     k = x.shape[-1]
     _check(w, k)
-    a = x.reshape(-1, k)
-    m = a.shape[0]
-    n = w.shape[-2]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    bm = _block_m(m)
     scales, e4m3 = _scale_arg(w)
-    seg_rows = n // w.global_scale.shape[-1]
-    grid = lambda meta: (triton.cdiv(m, bm), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    _w4a16_kernel[grid](
-        a, w.packed, scales, w.global_scale, _lut(w.fmt, x.device), out, a, a, a,
-        m, n, k, m, seg_rows, _bucket(m),
-        a.stride(0), a.stride(1),
-        0, w.packed.stride(-2),
-        0, scales.stride(-2),
-        0,
-        out.stride(0), out.stride(1),
-        GROUP=w.block, SCALE_E4M3=e4m3,
-        MOE=False, A_ROW_DIV=1, MUL_WEIGHT=False, FUSE_GATE=False,
-        BLOCK_M=bm, UPCAST=_INTERPRET,
-    )
-    return out.reshape(*x.shape[:-1], n)
+    out = torch.ops.dgemma.w4a16_mm(x.reshape(-1, k), w.packed, scales, w.global_scale, _lut(w.fmt, x.device),
+                                    w.block, e4m3)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _moe_gemm(a, w: QuantizedWeight, out, sorted_rows, block_expert, num_rows, a_row_div, tw, fuse_gate, bm):
-    n = out.shape[1]
-    k = a.shape[1]
-    _check(w, k)
+def _moe_gemm(a, w: QuantizedWeight, sorted_rows, block_expert, num_rows, a_row_div, tw, fuse_gate, bm, zero_fill):
+    _check(w, a.shape[1])
     scales, e4m3 = _scale_arg(w)
-    seg_rows = w.shape[-2] // w.global_scale.shape[-1]
-    grid = lambda meta: (block_expert.numel(), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    _w4a16_kernel[grid](
-        a, w.packed, scales, w.global_scale, _lut(w.fmt, a.device), out, sorted_rows, block_expert,
-        tw if tw is not None else a,
-        num_rows, n, k, num_rows, seg_rows, bm,
-        a.stride(0), a.stride(1),
-        w.packed.stride(0), w.packed.stride(1),
-        scales.stride(0), scales.stride(1),
-        w.global_scale.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=w.block, SCALE_E4M3=e4m3,
-        MOE=True, A_ROW_DIV=a_row_div, MUL_WEIGHT=tw is not None, FUSE_GATE=fuse_gate,
-        BLOCK_M=bm, UPCAST=_INTERPRET,
-    )
+    return torch.ops.dgemma.moe_w4a16_mm(a, w.packed, scales, w.global_scale, _lut(w.fmt, a.device), sorted_rows,
+                                         block_expert, tw, num_rows, a_row_div, w.block, e4m3, fuse_gate, bm,
+                                         zero_fill)
 
 
 def moe_w4a16_triton(
@@ -239,7 +285,8 @@ def moe_w4a16_triton(
     down: QuantizedWeight,
     activation: str = "gelu_pytorch_tanh",
 ) -> torch.Tensor:
-    """Fused MoE: grouped gate_up (+ activation) then grouped down (x router weight), summed over top-k."""
+    """Fused MoE: grouped gate_up (+ activation) then grouped down (x router weight), summed over top-k.
+    No host sync: the alignment and both launches are sized from the shapes alone."""
     if activation != "gelu_pytorch_tanh":
         raise NotImplementedError(f"fused MoE kernel supports gelu_pytorch_tanh, not {activation}")
     if hidden_states.shape[0] > MOE_CHUNK_TOKENS:
@@ -250,15 +297,13 @@ def moe_w4a16_triton(
         ])
     t, h = hidden_states.shape
     top_k = top_k_index.shape[1]
-    num_experts, two_i, _ = gate_up.shape
-    inter = two_i // 2
+    num_experts = gate_up.shape[0]
     bm = _moe_block_m(t, top_k, num_experts)
     sorted_rows, block_expert, num_rows = moe_align(top_k_index, num_experts, bm)
     x = hidden_states.contiguous()
-    mid = torch.zeros(num_rows, inter, dtype=x.dtype, device=x.device)
-    _moe_gemm(x, gate_up, mid, sorted_rows, block_expert, num_rows, top_k, None, True, bm)
-    out = torch.zeros(num_rows, h, dtype=x.dtype, device=x.device)
+    # Rows of pairs routed nowhere (expert-parallel sentinels) are never read from mid, and are zero in out.
+    mid = _moe_gemm(x, gate_up, sorted_rows, block_expert, num_rows, top_k, None, True, bm, False)
     tw = top_k_weights.reshape(-1).float().contiguous()
-    _moe_gemm(mid, down, out, sorted_rows, block_expert, num_rows, 1, tw, False, bm)
+    out = _moe_gemm(mid, down, sorted_rows, block_expert, num_rows, 1, tw, False, bm, True)
     # Sum the K slots in fp32: one rounding instead of K sequential bf16 adds.
     return out.view(t, top_k, h).float().sum(dim=1).to(x.dtype)

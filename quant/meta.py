@@ -46,3 +46,30 @@ def meta_model(config: DiffusionGemmaConfig) -> DiffusionGemmaForBlockDiffusion:
     encoder.vision_tower = None
     encoder.embed_vision = None
     return model
+
+
+def with_meta_quantized_experts(model: DiffusionGemmaForBlockDiffusion, fmt: str = "nvfp4"
+                                ) -> DiffusionGemmaForBlockDiffusion:
+    """Swap every experts module of a meta model for a 4-bit QuantizedExperts of the same shape, still
+    on meta (shape only, no memory), shared by encoder and decoder as quantize_model shares it. For
+    counting what a forward dispatches at the real shape (tests/test_host_syncs.py, bench/engine.py)."""
+    from dgemma.quant.apply import drop_expert_ties, tied_groups
+    from dgemma.quant.formats import QuantizedWeight, block_size
+    from dgemma.quant.modules import QuantizedExperts
+
+    def weight(shape: tuple[int, ...]) -> QuantizedWeight:
+        *lead, rows, cols = shape
+        with torch.device("meta"):
+            scales = torch.empty(*lead, rows, cols // block_size(fmt),
+                                 dtype=torch.float8_e4m3fn if fmt == "nvfp4" else torch.float32)
+            return QuantizedWeight(fmt, torch.empty(*lead, rows, cols // 2, dtype=torch.uint8), scales,
+                                   torch.empty(*lead, 1))
+
+    for gate_up, slots in list(tied_groups(model, "experts")):
+        module = getattr(slots[0][0], slots[0][1])
+        q = QuantizedExperts(weight(tuple(gate_up.shape)), weight(tuple(module.down_proj.shape)), module.act_fn,
+                             model.config.text_config.hidden_activation)
+        for parent, attr, _ in slots:
+            setattr(parent, attr, q)
+    drop_expert_ties(model)
+    return model

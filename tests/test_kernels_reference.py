@@ -23,12 +23,43 @@ def test_moe_align_groups_rows_by_expert_with_padding():
     rows, block_expert, n = moe_align(idx, num_experts=4, block_m=2)
     assert n == 8
     flat = idx.flatten()
-    assert block_expert.tolist() == [0, 1, 2, 2]
+    # Room for ceil(8 / 2) + 4 blocks whatever the routing; the unused ones are marked with expert 4.
+    assert block_expert.tolist() == [0, 1, 2, 2, 4, 4, 4, 4]
+    assert rows.shape == (16,) and rows.dtype == torch.int32
     for b, e in enumerate(block_expert.tolist()):
         for r in rows[b * 2:(b + 1) * 2].tolist():
             assert r == n or flat[r] == e
     real = sorted(r for r in rows.tolist() if r < n)
     assert real == [i for i, e in enumerate(flat.tolist()) if e < 4]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_moe_align_has_static_shapes_and_covers_every_routed_pair(seed):
+    """Random routings, including all pairs on one expert (the most padding-free case) and every
+    expert hit (the most padding): sizes depend only on (T, K, E, BLOCK_M), each routed pair appears
+    exactly once in a block of its own expert, and each expert's blocks are contiguous and in order."""
+    gen = torch.Generator().manual_seed(seed)
+    t, k, e, bm = (37, 4, 9, 4) if seed % 2 else (64, 8, 128, 16)
+    idx = torch.randint(0, e, (t, k), generator=gen)
+    if seed == 2:
+        idx[:] = 3
+    if seed == 3:
+        idx[::5, 0] = e  # expert-parallel sentinels
+    rows, block_expert, n = moe_align(idx, e, bm)
+    blocks = -(-t * k // bm) + e
+    assert rows.shape == (blocks * bm,) and block_expert.shape == (blocks,)
+    flat = idx.flatten()
+    used = block_expert < e
+    assert bool(used[: int(used.sum())].all()), "unused blocks come last"
+    assert torch.equal(block_expert[used], torch.sort(block_expert[used]).values)
+    got = rows.view(blocks, bm)
+    for b in range(blocks):
+        real = got[b][got[b] < n]
+        assert bool((flat[real.long()] == block_expert[b]).all())
+        if not used[b]:
+            assert real.numel() == 0
+    real = rows[rows < n].long()
+    assert sorted(real.tolist()) == [i for i in range(n) if flat[i] < e]
 
 
 @pytest.mark.parametrize("mode,triton", [(None, False), ("auto", False), ("", False), ("torch", False),

@@ -112,8 +112,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_triton_kernels_match_reference_under_interpreter():
+def test_triton_kernels_match_reference_under_interpreter(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", DGEMMA_KERNELS="triton")
-    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    # `python -c` puts its working directory first on sys.path: not the checkout, whose kernels/
+    # would shadow the package transformers imports.
+    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "TRITON-INTERPRET-OK" in res.stdout

@@ -1,0 +1,159 @@
+"""A decoder step with static shapes, for torch.compile and CUDA graphs.
+
+Everything one step reads has a shape fixed by (row bucket, canvas length, KV capacity):
+
+* the prefix KV is copied, once per canvas, into buffers preallocated per layer
+  ([1, kv heads, capacity, head dim]; a sliding-window layer holds at most ``sliding_window - 1``
+  tokens, as transformers' cache does), left-aligned, the unused slots masked out;
+* the attention masks ([1, 1, canvas, capacity + canvas] per attention kind) and the canvas
+  positions are buffers too, rewritten in place by ``load``;
+* rows are padded to a bucket of 1, 2, 4 or 8 (more rows run eight at a time);
+* self-conditioning is always passed: on the first step as zeros with a per-row mask that zeroes
+  the signal, which is exactly what the model does with no self-conditioning logits. So every step of
+  a canvas, the first included, is the same computation.
+
+``StaticStep`` stands in for the model in ``denoise(...)``: it has the model's ``config`` and
+``model`` and is called with the same keywords, ignoring the ``cache`` and positions it is given
+(call ``load(cache)`` with the prefix first; a prefix of another length is an error). With
+``compile=True`` the step goes through ``torch.compile(fullgraph=True, dynamic=False)``: one graph
+per bucket, no graph break (tested on the tiny test model on a CPU). On CUDA with
+``DGEMMA_GRAPHS=1`` it is compiled in "reduce-overhead" mode, which captures one CUDA graph per
+bucket, the prefix buffers marked as static addresses so a replay does not copy them; its logits
+are cloned out of the graph's pool. That path needs a GPU and has not run here.
+
+The engine does not use this yet (it keeps transformers' dynamic cache).
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+BUCKETS = (1, 2, 4, 8)
+
+
+def bucket(rows: int) -> int:
+    """The smallest bucket holding ``rows`` (1 <= rows <= 8)."""
+    for size in BUCKETS:
+        if rows <= size:
+            return size
+    raise ValueError(f"{rows} rows: at most {BUCKETS[-1]} run in one step")
+
+
+def graphs_enabled(device: torch.device) -> bool:
+    value = os.environ.get("DGEMMA_GRAPHS", "0").strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(f"DGEMMA_GRAPHS={value!r} is not 0 or 1")
+    return value == "1" and device.type == "cuda"
+
+
+class StaticStep:
+    """One decoder forward with static shapes over a loaded prefix (see the module docstring)."""
+
+    def __init__(self, model, capacity: int, compile: bool = False, backend: str = "inductor") -> None:
+        self.wrapped = model
+        self.config = model.config
+        self.model = model.model
+        text = model.config.text_config
+        self.canvas_length = model.config.canvas_length
+        self.vocab = text.vocab_size
+        decoder = model.model.decoder
+        weight = decoder.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.kinds = list(text.layer_types)
+        window = getattr(text, "sliding_window", None)
+        self.capacity = {kind: (min(capacity, window - 1) if kind == "sliding_attention" and window else capacity)
+                         for kind in set(self.kinds)}
+        self.keys, self.values = [], []
+        for layer in decoder.layers:
+            attn = layer.self_attn
+            heads = attn.k_proj.out_features // attn.head_dim
+            shape = (1, heads, self.capacity[self.kinds[attn.layer_idx]], attn.head_dim)
+            self.keys.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
+            self.values.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
+        c = self.canvas_length
+        self.masks = {kind: torch.zeros(1, 1, c, cap + c, dtype=torch.bool, device=self.device)
+                      for kind, cap in self.capacity.items()}
+        self.positions = torch.zeros(1, c, dtype=torch.long, device=self.device)
+        self.prefix_length: int | None = None
+        self.graphs = graphs_enabled(self.device)
+        if self.graphs:
+            for tensor in [*self.keys, *self.values, *self.masks.values(), self.positions]:
+                torch._dynamo.mark_static_address(tensor)
+        # One cache object per bucket: views of the buffers, widened to the bucket's rows.
+        self.caches = {size: self._cache(size) for size in BUCKETS}
+        self.forward = self._forward
+        if compile or self.graphs:
+            mode = "reduce-overhead" if self.graphs else None
+            self.forward = torch.compile(self._forward, fullgraph=True, dynamic=False, mode=mode, backend=backend)
+
+    def _cache(self, rows: int) -> DynamicCache:
+        cache = DynamicCache.__new__(DynamicCache)
+        cache.__dict__.update(DynamicCache(config=self.config.text_config).__dict__)
+        cache.layers = []
+        for keys, values in zip(self.keys, self.values):
+            layer = DynamicLayer()
+            layer.keys, layer.values = keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)
+            layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
+            cache.layers.append(layer)
+        return cache
+
+    @torch.no_grad()
+    def load(self, cache: DynamicCache) -> None:
+        """Copy a batch-1 prefix cache into the buffers and set the masks and positions for it."""
+        length = cache.get_seq_length()
+        for i, layer in enumerate(cache.layers):
+            held = layer.keys.shape[-2]
+            cap = self.keys[i].shape[-2]
+            if held > cap:
+                raise ValueError(f"layer {i} holds {held} tokens, more than the step's capacity {cap}")
+            self.keys[i][:, :, :held].copy_(layer.keys[:1])
+            self.values[i][:, :, :held].copy_(layer.values[:1])
+            self.keys[i][:, :, held:].zero_()
+            self.values[i][:, :, held:].zero_()
+        c = self.canvas_length
+        for kind, cap in self.capacity.items():
+            held = cache.layers[self.kinds.index(kind)].keys.shape[-2]
+            slots = torch.arange(cap + c, device=self.device)
+            self.masks[kind].copy_(((slots < held) | (slots >= cap)).expand(1, 1, c, cap + c))
+        self.positions.copy_(torch.arange(length, length + c, device=self.device)[None])
+        self.prefix_length = length
+
+    def _forward(self, canvas: torch.Tensor, sc_logits: torch.Tensor, sc_mask: torch.Tensor) -> torch.Tensor:
+        return self.wrapped(decoder_input_ids=canvas, self_conditioning_logits=sc_logits,
+                            self_conditioning_mask=sc_mask, cache=self.caches[canvas.shape[0]],
+                            decoder_attention_mask=self.masks, decoder_position_ids=self.positions).logits
+
+    @torch.no_grad()
+    def step(self, canvas: torch.Tensor, sc_logits: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, C, V) for ``canvas`` (B, C), rows padded to a bucket (eight at a time beyond 8)."""
+        if self.prefix_length is None:
+            raise RuntimeError("StaticStep.load(cache) must be called before a step")
+        rows = canvas.shape[0]
+        if rows > BUCKETS[-1]:
+            chunks = [self.step(canvas[i:i + BUCKETS[-1]], None if sc_logits is None else sc_logits[i:i + BUCKETS[-1]])
+                      for i in range(0, rows, BUCKETS[-1])]
+            return torch.cat(chunks)
+        size = bucket(rows)
+        padded = canvas.new_zeros(size, self.canvas_length)
+        padded[:rows] = canvas
+        sc = torch.zeros(size, self.canvas_length, self.vocab, dtype=self.dtype, device=self.device)
+        sc_mask = torch.zeros(size, dtype=torch.bool, device=self.device)
+        if sc_logits is not None:
+            sc[:rows] = sc_logits
+            sc_mask[:rows] = True
+        logits = self.forward(padded, sc, sc_mask)
+        # A first-dimension slice stays contiguous; a CUDA graph's output is overwritten by its next replay.
+        return logits[:rows].clone() if self.graphs else logits[:rows]
+
+    def __call__(self, *, decoder_input_ids: torch.Tensor, self_conditioning_logits: torch.Tensor | None = None,
+                 cache: DynamicCache | None = None, decoder_position_ids: torch.Tensor | None = None,
+                 **_: object) -> SimpleNamespace:
+        """The model's call as ``denoise`` makes it; ``cache`` must hold the loaded prefix."""
+        if cache is not None and cache.get_seq_length() != self.prefix_length:
+            raise RuntimeError(f"the step holds a {self.prefix_length}-token prefix, the cache "
+                               f"{cache.get_seq_length()} tokens: load(cache) first")
+        return SimpleNamespace(logits=self.step(decoder_input_ids, self_conditioning_logits))

@@ -1,0 +1,91 @@
+"""The static-shape decoder step (daemon/static_step.py) on the tiny test model, on a CPU.
+
+What runs here: the static buffers, masks, row buckets and the step under
+``torch.compile(fullgraph=True, dynamic=False)`` (Inductor; fullgraph makes any graph break an
+error), each against the model's own forward and the eager denoising loop. What cannot run here:
+the CUDA-graph capture that ``DGEMMA_GRAPHS=1`` turns on with a GPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
+
+from dgemma.daemon.denoise import denoise, encode, expand_cache
+from dgemma.daemon.sampling import SamplerSettings
+from dgemma.daemon.static_step import StaticStep, bucket, graphs_enabled
+from tiny import tiny_config
+
+PREFIX = 40  # past the tiny model's 32-token sliding window
+
+
+@pytest.fixture(scope="module")
+def model_and_cache() -> tuple[DiffusionGemmaForBlockDiffusion, DynamicCache]:
+    torch.manual_seed(0)
+    model = DiffusionGemmaForBlockDiffusion(tiny_config(vocab_size=512, canvas_length=16)).eval()
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        encode(model, torch.randint(3, 512, (1, PREFIX), generator=torch.Generator().manual_seed(1)), cache)
+    return model, cache
+
+
+def test_rows_go_to_buckets_and_graphs_need_a_gpu(monkeypatch) -> None:
+    assert [bucket(n) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    with pytest.raises(ValueError):
+        bucket(9)
+    monkeypatch.setenv("DGEMMA_GRAPHS", "1")
+    assert not graphs_enabled(torch.device("cpu"))
+    monkeypatch.setenv("DGEMMA_GRAPHS", "yes")
+    with pytest.raises(ValueError, match="DGEMMA_GRAPHS"):
+        graphs_enabled(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 10])
+def test_static_step_matches_the_model_forward(model_and_cache, rows: int) -> None:
+    """Padded KV slots masked out, rows padded to a bucket (10 = 8 + a bucket of 2), and the first
+    step's zeroed self-conditioning equal to passing none."""
+    model, cache = model_and_cache
+    step = StaticStep(model, capacity=64)
+    step.load(cache)
+    gen = torch.Generator().manual_seed(rows)
+    canvas = torch.randint(0, 512, (rows, 16), generator=gen)
+    sc = torch.randn(rows, 16, 512, generator=gen)
+    positions = torch.arange(PREFIX, PREFIX + 16)[None]
+    with torch.no_grad():
+        for logits in (sc, None):
+            want = model(decoder_input_ids=canvas, self_conditioning_logits=logits, cache=expand_cache(cache, rows),
+                         decoder_position_ids=positions).logits
+            got = step(decoder_input_ids=canvas, self_conditioning_logits=logits, cache=cache).logits
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_prefix_of_another_length_is_refused(model_and_cache) -> None:
+    model, cache = model_and_cache
+    step = StaticStep(model, capacity=64)
+    with pytest.raises(RuntimeError, match="load"):
+        step(decoder_input_ids=torch.zeros(1, 16, dtype=torch.long), cache=cache)
+    step.load(cache)
+    other = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        encode(model, torch.randint(3, 512, (1, 8)), other)
+    with pytest.raises(RuntimeError, match="load"):
+        step(decoder_input_ids=torch.zeros(1, 16, dtype=torch.long), cache=other)
+    with pytest.raises(ValueError, match="capacity"):
+        StaticStep(model, capacity=16).load(cache)
+
+
+def test_compiled_step_denoises_to_the_same_tokens_as_eager(model_and_cache) -> None:
+    """torch.compile(fullgraph=True, dynamic=False) of the whole decoder step: no graph break, and
+    the denoising loop driven by it gives the eager loop's tokens, with pins and 3 rows (bucket 4)."""
+    model, cache = model_and_cache
+    canvas = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(5))
+    pinned = torch.zeros_like(canvas, dtype=torch.bool)
+    pinned[:, 12:] = True
+    settings = SamplerSettings(max_denoising_steps=8)
+    eager = denoise(model, cache, canvas, pinned, settings, torch.Generator().manual_seed(3))
+    step = StaticStep(model, capacity=64, compile=True)
+    step.load(cache)
+    compiled = denoise(step, cache, canvas, pinned, settings, torch.Generator().manual_seed(3))
+    assert torch.equal(compiled.argmax, eager.argmax) and compiled.steps == eager.steps
+    torch.testing.assert_close(compiled.logprobs, eager.logprobs, rtol=1e-4, atol=1e-4)
