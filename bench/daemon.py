@@ -80,8 +80,8 @@ def main() -> None:
 
     from dgemma.daemon.client import Client, ensure_daemon
     from dgemma.daemon.config import socket_path
-    from dgemma.daemon.engine import Engine
-    from dgemma.daemon.loading import load_model
+    from dgemma.engine.engine import Engine
+    from dgemma.engine.loading import load_model
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     sock = socket_path()

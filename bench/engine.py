@@ -17,11 +17,11 @@ import time
 import torch
 from transformers import DynamicCache
 
-from dgemma.daemon.canvas import plan_rows, slot_candidates
-from dgemma.daemon.denoise import denoise, encode, expand_cache
-from dgemma.daemon.engine import Engine
-from dgemma.daemon.loading import load_model
-from dgemma.daemon.sampling import SamplerSettings
+from dgemma.engine.canvas import plan_rows, slot_candidates
+from dgemma.engine.denoise import denoise, encode, expand_cache
+from dgemma.engine.engine import Engine
+from dgemma.engine.loading import load_model
+from dgemma.engine.sampler import SamplerSettings
 
 
 def cpu_name() -> str:
@@ -106,7 +106,7 @@ def prefill(engine: Engine, text: str) -> tuple[int, int, int]:
 def sliding_window(engine: Engine, lines: int = 5000) -> list[tuple[str, int, int, bool, float]]:
     """Fills at the end of a ``lines``-line file, then further down it, with a prefix cache:
     (step, prompt tokens, tokens re-encoded, whether the window's start moved, prefill ms). The
-    window (daemon/window.py) starts on a line that moves in steps of ALIGN_LINES, so most steps
+    window (engine/window.py) starts on a line that moves in steps of ALIGN_LINES, so most steps
     re-encode only the new lines."""
     body = "".join(f"def handler_{i}(request, value={i}):\n    return process(request, value * {i})\n\n"
                    for i in range(lines // 3 + 1))

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, DiffusionGemmaConfig, DynamicCache
 
-from dgemma.daemon.denoise import denoise, encode
-from dgemma.daemon.engine import Engine
-from dgemma.daemon.loading import BUNDLED_MODEL_DIR, LoadedModel
-from dgemma.daemon.prefix_cache import cache_bytes
-from dgemma.daemon.sampling import SamplerSettings
+from dgemma.engine.denoise import denoise, encode
+from dgemma.engine.engine import Engine
+from dgemma.engine.loading import BUNDLED_MODEL_DIR, LoadedModel
+from dgemma.engine.prefix_cache import cache_bytes
+from dgemma.engine.sampler import SamplerSettings
 from dgemma.quant.apply import tied_groups
 from dgemma.quant.checkpoint import materialize_meta
 from dgemma.quant.formats import QuantizedWeight, block_size

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers import DiffusionGemmaConfig, DynamicCache
 
-from dgemma.daemon.denoise import encode
+from dgemma.engine.denoise import encode
 from dgemma.kernels.hostsync import SyncCounter
 from dgemma.quant.checkpoint import materialize_meta
 from dgemma.quant.meta import load_config, meta_model, with_meta_quantized_experts

@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))  # train/ is a folder beside the package; behind site-packages (dgemma/__init__.py)
 
-from dgemma.daemon.consensus import edit_similarity  # noqa: E402  (the engine's own measure)
+from dgemma.engine.ranking import edit_similarity  # noqa: E402  (the engine's own measure)
 from train.corpus import PACKAGES as CORPUS_PACKAGES  # noqa: E402
 
 
@@ -173,8 +173,8 @@ def main(argv=None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from dgemma.daemon.engine import Engine
-    from dgemma.daemon.loading import load_model
+    from dgemma.engine.engine import Engine
+    from dgemma.engine.loading import load_model
 
     version, cases = make_cases(args.package, args.single, args.multi, args.seed)
     t0 = time.time()

@@ -102,7 +102,7 @@ async def run(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     options = {"debounceMs": 0, "maxTokensInvoked": args.max_tokens, "seed": 0}
     if args.steps:
         options["sampler"] = {"max_denoising_steps": args.steps}
-    await client.start_io(sys.executable, "-m", "dgemma.daemon.cli", "lsp", env=env)
+    await client.start_io(sys.executable, "-m", "dgemma.cli", "lsp", env=env)
     caps = t.ClientCapabilities(
         text_document=t.TextDocumentClientCapabilities(inline_completion=t.InlineCompletionClientCapabilities()),
         window=t.WindowClientCapabilities(work_done_progress=True))
@@ -218,7 +218,7 @@ def main() -> None:
         try:
             res = asyncio.run(run(args, env))
         finally:
-            subprocess.run([sys.executable, "-m", "dgemma.daemon.cli", "stop"], env=env, capture_output=True,
+            subprocess.run([sys.executable, "-m", "dgemma.cli", "stop"], env=env, capture_output=True,
                            timeout=60)
     if args.json:
         print(json.dumps(res, indent=2))

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         models.append((args.model, m, code_inputs(Path(args.model), m.config.canvas_length or 64, rows)))
     else:
         models.append(("tiny random (H 64, 4 experts top-2, I 64)", _tiny(0, moe_intermediate_size=64), None))
-        bundled = ROOT / "daemon" / "bundled"
+        bundled = ROOT / "dgemma" / "bundled"
         if not args.quick:
             models.append(("tiny random (H 256, 16 experts top-4, I 128)", _tiny(
                 1, hidden_size=256, intermediate_size=512, num_attention_heads=4, head_dim=64, global_head_dim=64,

@@ -24,9 +24,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import protocol as proto
-from .config import ensure_private_dir, lock_fd, read_tcp_info, socket_path, transport
-from .errors import DgemmaError
+from dgemma.daemon import protocol as proto
+from dgemma.daemon.config import ensure_private_dir, lock_fd, read_tcp_info, socket_path, transport
+from dgemma.errors import DgemmaError
 
 DraftCallback = Callable[[dict[str, Any]], Any]
 # Starting a daemon returns as soon as its socket answers (it loads the model after
@@ -376,7 +376,7 @@ def absolute_model_spec(model: str | None) -> str | None:
 
 
 def serve_command(path: Path, model: str | None, device: str | None) -> list[str]:
-    cmd = [sys.executable, "-m", "dgemma.daemon.cli", "serve", "--socket", str(path.absolute())]
+    cmd = [sys.executable, "-m", "dgemma.cli", "serve", "--socket", str(path.absolute())]
     if model:
         cmd += ["--model", absolute_model_spec(model)]
     if device:
@@ -389,7 +389,7 @@ def spawn_daemon(path: Path, model: str | None = None, device: str | None = None
     """Start `dgemma serve` in its own session, logging to daemon.log next to the socket;
     returns its pid once the socket answers. Raises DaemonUnavailable with the log's last
     line when it dies first."""
-    from .logs import rotate_if_big
+    from dgemma.daemon.logs import rotate_if_big
 
     folder = ensure_private_dir(path.parent)
     logfile = folder / "daemon.log"

@@ -16,9 +16,10 @@ from typing import Any, Awaitable, Callable
 
 import platformdirs
 
-from .errors import DgemmaError
-from .protocol import DEFAULT_MAX_FRAME, MIN_FRAME
-from .sampling import SamplerSettings
+from dgemma.errors import DgemmaError
+from dgemma.daemon.protocol import DEFAULT_MAX_FRAME, MIN_FRAME
+from dgemma.engine.devices import DTYPE_NAMES, check_device
+from dgemma.engine.sampler import SamplerSettings
 
 try:
     import tomllib
@@ -153,22 +154,6 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
-# Device types the daemon can run a model on (torch.device names). "meta" and the like hold no
-# data: a model "loaded" there fails on every request. Whether this machine has the device is
-# checked when the model loads (dgemma.daemon.loading.pick_device), where torch is imported.
-DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
-
-
-def check_device(device: str, source: str = "device") -> str:
-    """`device` when it names a device dgemma can run on (`auto`, `cpu`, `cuda`, `cuda:1`, `mps`,
-    `xpu`); DgemmaError(invalid_params) naming `source` otherwise. No torch import."""
-    kind, _, index = device.partition(":")
-    if device == "auto" or (kind in DEVICE_TYPES and (not _ or index.isdigit() and index.isascii())):
-        return device
-    raise DgemmaError("invalid_params", f"{source}: {device!r:.60} is not a device dgemma can run on; use auto, "
-                                        f"{', '.join(DEVICE_TYPES)}, or an indexed one such as cuda:1")
-
-
 # ---- config ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -218,10 +203,6 @@ class Config:
 
 
 _TOP = {"model", "device", "dtype", "quantization", "sampler", "limits"}
-# Names, not torch dtypes: the config is read on paths that must start fast, without torch.
-# dgemma.daemon.loading resolves them; dgemma.quant's formats are kept in step by a test.
-DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-               "fp32": "float32", "float32": "float32"}
 DTYPES = ("auto", *DTYPE_NAMES)
 QUANTIZATIONS = ("nvfp4", "nf4")
 

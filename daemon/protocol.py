@@ -14,7 +14,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import DgemmaError
+from dgemma.errors import DgemmaError
 
 PROTOCOL_VERSION = 1
 # Versions this build can speak; a client announces its own in `hello`.

@@ -24,15 +24,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import protocol as proto
-from .config import (Config, ConfigWatcher, config_path, ensure_private_dir, lock_fd, runtime_dir, socket_path,
+from dgemma.daemon import protocol as proto
+from dgemma.daemon.config import (Config, ConfigWatcher, config_path, ensure_private_dir, lock_fd, runtime_dir, socket_path,
                      tcp_info_path, transport)
-from .answers import answer, regeneration_budget
-from .connection import Connection
-from .errors import DgemmaError
-from .loading import BUNDLED_MODEL_DIR
-from .sampling import check_settings
-from .scheduler import Job, Scheduler
+from dgemma.engine.answers import answer, regeneration_budget
+from dgemma.daemon.connection import Connection
+from dgemma.errors import DgemmaError
+from dgemma.engine.loading import BUNDLED_MODEL_DIR
+from dgemma.engine.sampler import check_settings
+from dgemma.daemon.scheduler import Job, Scheduler
 
 log = logging.getLogger("dgemma.daemon")
 
@@ -729,8 +729,8 @@ def result_payload(res: Any, model_name: str | None) -> dict[str, Any]:
 
 
 def _default_engine_factory(config: Config, model: str | None, device: str | None, progress: bool = False) -> Any:
-    from .engine import Engine
-    from .loading import load_model
+    from dgemma.engine.engine import Engine
+    from dgemma.engine.loading import load_model
 
     return Engine(load_model(model, device=device, dtype=config.dtype, quantize=config.quantization,
                              progress=progress))

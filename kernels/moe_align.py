@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 # Tokens per fused-MoE launch: a long prefill would otherwise hold [T*K, H] partial outputs at
-# once. The memory plan (dgemma.quant.plan) counts the MoE buffers of one chunk.
+# once. The memory plan (dgemma.engine.plan) counts the MoE buffers of one chunk.
 MOE_CHUNK_TOKENS = 1024
 
 

@@ -1,4 +1,4 @@
 """``python -m dgemma.lsp``: the language server on stdio."""
-from .server import main
+from dgemma.lsp.server import main
 
 main()

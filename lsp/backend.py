@@ -91,8 +91,8 @@ class DaemonBackend:
 
     async def ensure_ready(self) -> Any:
         """The connected client once the daemon's model is loaded; raises BackendError."""
-        from ..daemon.client import AsyncClient, daemon_answers
-        from ..daemon.errors import DgemmaError
+        from dgemma.daemon.client import AsyncClient, daemon_answers
+        from dgemma.errors import DgemmaError
 
         async with self._lock:
             client = self._client
@@ -128,7 +128,7 @@ class DaemonBackend:
             return client
 
     async def _request(self, method: str, params: dict[str, Any]) -> FillResult:
-        from ..daemon.errors import DgemmaError
+        from dgemma.errors import DgemmaError
 
         client = await self.ensure_ready()
         try:

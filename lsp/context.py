@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlparse
 
-from dgemma.daemon.window import ALIGN_LINES, CHARS_PER_TOKEN  # the engine cuts its window on the same grid
+from dgemma.engine.window import ALIGN_LINES, CHARS_PER_TOKEN  # the engine cuts its window on the same grid
 
 
 _HASH = {

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from lsprotocol import types
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .backend import BackendError
-    from .server import DgemmaLanguageServer
+    from dgemma.lsp.backend import BackendError
+    from dgemma.lsp.server import DgemmaLanguageServer
 
 log = logging.getLogger("dgemma.lsp.progress")
 
@@ -102,7 +102,7 @@ class StateReporter:
 
     def request_failed(self, exc: "BackendError", always: bool = False) -> None:
         """A request failed for a reason other than being superseded or cancelled."""
-        from .backend import LOAD_ERRORS
+        from dgemma.lsp.backend import LOAD_ERRORS
 
         if exc.code in LOAD_ERRORS:
             return  # on_state("error") already said it, once

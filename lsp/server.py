@@ -18,14 +18,14 @@ from urllib.parse import unquote, urlparse
 from lsprotocol import types
 from pygls.lsp.server import LanguageServer
 
-from .. import __version__
-from .backend import Backend, BackendError, DaemonBackend
-from .cache import CompletionCache
-from .context import RingBuffer, build_prompt, language_of, offset_at, position_at, window
-from .progress import StateReporter
-from .settings import Settings
-from .transport import DgemmaProtocol, serve_stdio
-from .triggers import Debouncer, should_trigger
+from dgemma import __version__
+from dgemma.lsp.backend import Backend, BackendError, DaemonBackend
+from dgemma.lsp.cache import CompletionCache
+from dgemma.lsp.context import RingBuffer, build_prompt, language_of, offset_at, position_at, window
+from dgemma.lsp.progress import StateReporter
+from dgemma.lsp.settings import Settings
+from dgemma.lsp.transport import DgemmaProtocol, serve_stdio
+from dgemma.lsp.triggers import Debouncer, should_trigger
 
 log = logging.getLogger("dgemma.lsp")
 
@@ -182,7 +182,7 @@ async def _complete(ls: DgemmaLanguageServer, uri: str, position: types.Position
     if not ls.backend.should_try(automatic):
         return None
 
-    # The daemon cleans the middle (daemon/postprocess.py), as it does for `dgemma fill`.
+    # The daemon cleans the middle (engine/postprocess.py), as it does for `dgemma fill`.
     task = asyncio.ensure_future(ls.backend.fill(
         prompt.prefix, prompt.suffix, document=uri, max_tokens=max_tokens,
         n=s.n, seed=s.seed, sampler=s.sampler, max_lines=s.max_lines_automatic if automatic else None,
@@ -323,7 +323,7 @@ async def rewrite(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
     selection = text[start:end]
     ls.reporter.busy("Rewriting selection")
     try:
-        # The daemon fits the answer to the selection (daemon/postprocess.py, clean_replacement).
+        # The daemon fits the answer to the selection (engine/postprocess.py, clean_replacement).
         res = await ls.backend.edit(prefix, selection, suffix, instruction, document=_edit_key(uri),
                                     strength=s.strength, seed=s.seed, sampler=s.sampler)
     except BackendError as exc:

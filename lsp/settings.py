@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .context import Budget
+from dgemma.lsp.context import Budget
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,13 @@ Modules (each one job):
   apply       quantize_model: in-place quantization, tied encoder/decoder weights shared
   reader      safetensors access and checkpoint format detection
   layouts     tensor names of each checkpoint format (dgemma, ModelOpt, compressed-tensors)
-  checkpoint  is_quantized_checkpoint / load_quantized_into (used by dgemma.daemon.loading)
+  checkpoint  is_quantized_checkpoint / load_quantized_into (used by dgemma.engine.loading)
   writer      save_quantized
   meta        config loading and meta-device model construction
   plan        memory plan from a config
   cli         `dgemma quantize` and `dgemma plan`
 
-Nothing heavy is imported here, so `dgemma.quant.cli` registers its commands cheaply.
+Nothing heavy is imported here, so `dgemma.cli.quant` registers its commands cheaply.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-BUNDLED = Path(__file__).resolve().parent.parent / "daemon" / "bundled"
+BUNDLED = Path(__file__).resolve().parent.parent / "dgemma" / "bundled"
 
 pytestmark = pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file(),
                                 reason="bundled weights not built (python -m train.train)")
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file(),
 
 @pytest.fixture(scope="module")
 def loaded():
-    from dgemma.daemon.loading import load_model
+    from dgemma.engine.loading import load_model
 
     return load_model(device="cpu")
 
@@ -33,7 +33,7 @@ def test_loads_offline(monkeypatch):
     measured by bench/infill_eval.py and recorded in BENCHMARKS.md, not asserted here.)"""
     import socket
 
-    from dgemma.daemon.loading import load_model
+    from dgemma.engine.loading import load_model
 
     def no_network(*args, **kwargs):
         raise AssertionError("the bundled model must load without the network")
@@ -64,7 +64,7 @@ def test_documented_shape(loaded):
 
 
 def test_fill_returns_text(loaded):
-    from dgemma.daemon.engine import Engine
+    from dgemma.engine.engine import Engine
 
     engine = Engine(loaded)
     prefix = "def add(a, b):\n"
@@ -75,7 +75,7 @@ def test_fill_returns_text(loaded):
 
 
 def test_edit_returns_text(loaded):
-    from dgemma.daemon.engine import Engine
+    from dgemma.engine.engine import Engine
 
     engine = Engine(loaded)
     res = engine.edit("def add(a, b):\n", "    retrun a + b\n", "\n", "Fix this code", seed=0)

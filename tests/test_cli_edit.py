@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 
-from dgemma.daemon.answers import regeneration_budget
-from dgemma.daemon.cli import _check_plan, _check_runtime_dir, _plan_bytes
-from dgemma.daemon.loading import BUNDLED_MODEL_DIR
+from dgemma.engine.answers import regeneration_budget
+from dgemma.cli.doctor import _check_plan, _check_runtime_dir, _plan_bytes
+from dgemma.engine.loading import BUNDLED_MODEL_DIR
 from test_daemon_util import BUSY, FAST_CONFIG, Raw, daemon, dgemma, isolated_env, short_tmp  # noqa: F401  (fixture)
 
 # Line 4 ends in a random tag, so no model (the bundled weights may be retrained) can
@@ -77,7 +77,7 @@ def test_edit_on_a_terminal_asks_before_applying(daemon, tmp_path):
     f = _file(tmp_path)
     master, slave = pty.openpty()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "dgemma.daemon.cli", "edit", f"{f}:4-4", *FAST],
+        proc = subprocess.Popen([sys.executable, "-m", "dgemma.cli", "edit", f"{f}:4-4", *FAST],
                                 env=daemon.env, stdin=slave, stdout=slave, stderr=slave)
         os.close(slave)
         out = b""
@@ -143,7 +143,7 @@ def test_edit_refuses_when_file_changed_during_generation(daemon, tmp_path):
         # Keep the worker busy so the edit's request waits in the queue while we type.
         rid = busy.request("fill", {"prefix": "x = ", "max_tokens": 256, "settings": BUSY})
         assert busy.recv()["type"] == "draft"
-        proc = subprocess.Popen([sys.executable, "-m", "dgemma.daemon.cli", "edit", f"{f}:4-4", "--yes", *FAST],
+        proc = subprocess.Popen([sys.executable, "-m", "dgemma.cli", "edit", f"{f}:4-4", "--yes", *FAST],
                                 env=daemon.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 60
@@ -211,7 +211,7 @@ def test_autostart_races_start_one_daemon_and_no_daemon_mode(tmp_path):
     (root / "cfg" / "config.toml").write_text(FAST_CONFIG.replace("max_denoising_steps", "max_denoising_step"))
     f = _file(tmp_path)
     try:
-        procs = [subprocess.Popen([sys.executable, "-m", "dgemma.daemon.cli", "fill", f"{f}:4:5", *FAST],
+        procs = [subprocess.Popen([sys.executable, "-m", "dgemma.cli", "fill", f"{f}:4:5", *FAST],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]
         # Meanwhile, the in-process path (no daemon involved): the bundled model by default.
@@ -266,7 +266,7 @@ def test_sigkill_of_edit_at_random_points_never_leaves_a_partial_file(daemon, tm
     big = b"".join(lines)
     head, tail = b"".join(lines[:59]), b"".join(lines[61:])
     f = _file(tmp_path, big)
-    args = [sys.executable, "-m", "dgemma.daemon.cli", "edit", f"{f}:60-61", "--yes", *FAST]
+    args = [sys.executable, "-m", "dgemma.cli", "edit", f"{f}:60-61", "--yes", *FAST]
 
     def temps() -> set[str]:
         return {p.name for p in tmp_path.glob(".calc.py.*.dgemma-tmp")}

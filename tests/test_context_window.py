@@ -1,5 +1,5 @@
 """Requests on long files fit the model's context: the engine keeps the code nearest the cursor
-(daemon/window.py), through the engine, the command line (with and without the daemon) and the
+(engine/window.py), through the engine, the command line (with and without the daemon) and the
 language server. The bundled model's context is 2,048 tokens; a 5,000-line file is ~60,000."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from lsprotocol import types as t
 
-from dgemma.daemon.engine import Engine
-from dgemma.daemon.loading import load_model
-from dgemma.daemon.window import ALIGN_LINES, cut_prefix, cut_suffix
+from dgemma.engine.engine import Engine
+from dgemma.engine.loading import load_model
+from dgemma.engine.window import ALIGN_LINES, cut_prefix, cut_suffix
 from test_daemon_util import daemon, dgemma, isolated_env, short_tmp  # noqa: F401  (fixture)
 from test_lsp_e2e import inline_params, lsp_env, open_doc, running_client  # noqa: F401  (fixture)
 
@@ -30,7 +30,7 @@ def long_source(lines: int = 5000, seed: int = 0) -> str:
     while n < lines:
         k = rnd.randrange(1000)
         block = [f"class Item{k}(Base):", f'    """Item number {k}: ünïcode and\ttabs."""', "",
-                 f"    def value(self, x: int) -> int:", f"        return x * {k} + self.offset  # {rnd.random():.6f}",
+                 "    def value(self, x: int) -> int:", f"        return x * {k} + self.offset  # {rnd.random():.6f}",
                  ""]
         out += block
         n += len(block)
@@ -100,7 +100,7 @@ def test_edit_in_the_middle_of_a_long_file(engine: Engine):
 
 
 def test_a_selection_longer_than_the_context_says_what_to_do(engine: Engine):
-    from dgemma.daemon.errors import DgemmaError
+    from dgemma.errors import DgemmaError
 
     with pytest.raises(DgemmaError) as exc:
         engine.edit("", long_source(), "", "tidy up")

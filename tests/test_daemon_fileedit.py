@@ -11,8 +11,8 @@ import time
 import pytest
 
 from dgemma.daemon import protocol as proto
-from dgemma.daemon.errors import DgemmaError
-from dgemma.daemon.fileedit import (
+from dgemma.errors import DgemmaError
+from dgemma.cli.fileedit import (
     Snapshot, UndoStore, atomic_write, check_range, parse_position, parse_range, read_source, replace_lines,
     split_at,
 )
@@ -115,7 +115,7 @@ def test_undo_store(tmp_path):
 WRITER = r"""
 import sys
 from pathlib import Path
-from dgemma.daemon.fileedit import atomic_write
+from dgemma.cli.fileedit import atomic_write
 path, size = Path(sys.argv[1]), int(sys.argv[2])
 print("go", flush=True)
 i = 0

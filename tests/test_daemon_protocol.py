@@ -323,7 +323,7 @@ def test_async_client_request_draft_and_cancel(daemon):
     import asyncio
 
     from dgemma.daemon.client import AsyncClient
-    from dgemma.daemon.errors import DgemmaError
+    from dgemma.errors import DgemmaError
 
     async def main() -> None:
         client = await AsyncClient.connect(daemon.socket, autostart=False)

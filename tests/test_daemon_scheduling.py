@@ -17,8 +17,8 @@ import pytest
 
 from dgemma.daemon.client import AsyncClient
 from dgemma.daemon.config import Config, load_config
-from dgemma.daemon.errors import DgemmaError
-from dgemma.daemon.prefix_cache import PrefixCache
+from dgemma.errors import DgemmaError
+from dgemma.engine.prefix_cache import PrefixCache
 from dgemma.daemon.server import Server
 from test_daemon_util import short_tmp
 
@@ -440,7 +440,7 @@ def test_config_names_match_the_loaders():
     import torch
 
     from dgemma.daemon.config import DTYPES, QUANTIZATIONS
-    from dgemma.daemon.loading import pick_dtype
+    from dgemma.engine.loading import pick_dtype
     from dgemma.quant.formats import FORMATS
 
     cpu = torch.device("cpu")

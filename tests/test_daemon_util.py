@@ -54,7 +54,7 @@ def short_tmp(prefix: str) -> Path:
 
 
 def dgemma(args: list[str], env: dict[str, str], timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dgemma.daemon.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dgemma.cli", *args], env=env, capture_output=True,
                           text=True, timeout=timeout, **kw)
 
 

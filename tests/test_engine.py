@@ -9,12 +9,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dgemma.daemon.canvas import line_drafts, plan_rows, slot_candidates
-from dgemma.daemon.denoise import denoise, encode
-from dgemma.daemon.engine import Engine
-from dgemma.daemon.errors import DgemmaError
-from dgemma.daemon.loading import load_model
-from dgemma.daemon.sampling import SamplerSettings
+from dgemma.engine.canvas import line_drafts, plan_rows, slot_candidates
+from dgemma.engine.denoise import denoise, encode
+from dgemma.engine.engine import Engine
+from dgemma.errors import DgemmaError
+from dgemma.engine.loading import load_model
+from dgemma.engine.sampler import SamplerSettings
 from transformers import DynamicCache
 
 FAST = {"max_denoising_steps": 3}
@@ -253,7 +253,7 @@ def test_rows_beyond_the_batch_budget_decode_in_turn(tiny_model_dir) -> None:
 
 
 def test_entropy_matches_torch_distributions() -> None:
-    from dgemma.daemon.denoise import _entropy
+    from dgemma.engine.denoise import _entropy
 
     logits = torch.randn(3, 7, 50) * 4
     logits[0, 0, 1:] = float("-inf")  # a one-hot row, as pinned positions are
@@ -262,7 +262,7 @@ def test_entropy_matches_torch_distributions() -> None:
 
 
 def test_fast_sampler_draws_from_the_same_distribution() -> None:
-    from dgemma.daemon.denoise import _entropy, _sample
+    from dgemma.engine.denoise import _entropy, _sample
 
     # The second row is a peaked low-temperature distribution whose tail underflows exp().
     for row in ([2.0, 0.0, -1.0, 1.0], [0.0, -95.0, -2.0, -200.0]):

@@ -266,8 +266,8 @@ def test_no_config_value_locks_clients_out():
 
 def test_device_and_limits_are_checked_where_torch_runs():
     from dgemma.daemon.config import Limits, parse_config
-    from dgemma.daemon.errors import DgemmaError
-    from dgemma.daemon.loading import pick_device
+    from dgemma.errors import DgemmaError
+    from dgemma.engine.loading import pick_device
 
     for bad in ('device = "meta"', 'device = "cuda:x"', 'device = "cpu:0:1"', "[limits]\nmax_frame_bytes = 10",
                 "[limits]\nmax_n = 9", "[limits]\nmax_queued_drafts = 0", "[limits]\nmax_tokens = true"):

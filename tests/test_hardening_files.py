@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from dgemma.daemon.errors import DgemmaError
-from dgemma.daemon.fileedit import UndoStore, apply_edit, atomic_write, read_source, replace_lines
+from dgemma.errors import DgemmaError
+from dgemma.cli.fileedit import UndoStore, apply_edit, atomic_write, read_source, replace_lines
 from test_daemon_util import daemon, dgemma, isolated_env, short_tmp  # noqa: F401  (fixture)
 
 V0 = b"import os\n\ndef add(a, b):\n    return a + b  # 5be1c0de\n"
@@ -32,7 +32,7 @@ FAST = ["--steps", "2", "--max-tokens", "8", "--seed", "3"]
 # N (0: never). Prints the steps it took, one a line.
 KILLED_EDIT = r"""
 import os, signal, sys
-from dgemma.daemon.fileedit import apply_edit, read_source
+from dgemma.cli.fileedit import apply_edit, read_source
 path, new, kill_at = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3])
 steps = []
 def hook(event, args):

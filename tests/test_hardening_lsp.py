@@ -30,7 +30,7 @@ def run_server(data: bytes, tmp_path: Path, timeout: float = 120) -> tuple[int, 
                DGEMMA_DATA_DIR=str(tmp_path / "data"), DGEMMA_LSP_LOG="WARNING")
     data = (request(0, "initialize", {"capabilities": {}}) + data + request(999, "shutdown", None)
             + frame({"jsonrpc": "2.0", "method": "exit"}))
-    proc = subprocess.run([sys.executable, "-m", "dgemma.daemon.cli", "lsp"], input=data, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "dgemma.cli", "lsp"], input=data, capture_output=True,
                           env=env, cwd=tmp_path, timeout=timeout)
     out, messages = proc.stdout, []
     while out:

@@ -37,8 +37,8 @@ import pytest
 import torch
 from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
-from dgemma.daemon.denoise import denoise, encode, expand_cache
-from dgemma.daemon.sampling import SamplerSettings
+from dgemma.engine.denoise import denoise, encode, expand_cache
+from dgemma.engine.sampler import SamplerSettings
 from dgemma.kernels.hostsync import SyncCounter, sync_reason
 from dgemma.quant.meta import load_config, meta_model, with_meta_quantized_experts
 from tiny import tiny_config
@@ -108,7 +108,7 @@ INTERPRETED = textwrap.dedent(
     """
     import torch
     from transformers import DiffusionGemmaConfig, DynamicCache
-    from dgemma.daemon.denoise import encode
+    from dgemma.engine.denoise import encode
     from dgemma.kernels.hostsync import SyncCounter
     from dgemma.kernels.moe_align import moe_align
     from dgemma.kernels.triton_w4a16 import _lut

@@ -1,4 +1,4 @@
-"""End to end: the real ``dgemma lsp`` (run as ``python -m dgemma.daemon.cli lsp``) over stdio, with a real
+"""End to end: the real ``dgemma lsp`` (run as ``python -m dgemma.cli lsp``) over stdio, with a real
 daemon it starts on demand, serving the bundled model with few denoising steps.
 
 The bundled model may be retrained at any time and writes little sense anyway,
@@ -111,7 +111,7 @@ async def start_client(env: dict[str, str], options: dict[str, Any] | None = Non
     def on_status(params: Any) -> None:
         client.statuses.append(params)  # type: ignore[attr-defined]
 
-    await client.start_io(sys.executable, "-m", "dgemma.daemon.cli", "lsp", env=env)
+    await client.start_io(sys.executable, "-m", "dgemma.cli", "lsp", env=env)
     client.init_result = await client.initialize_session(t.InitializeParams(  # type: ignore[attr-defined]
         capabilities=capabilities(inline), initialization_options={**FAST_OPTIONS, **(options or {})},
         root_uri="file:///work/example"))

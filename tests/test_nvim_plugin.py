@@ -103,7 +103,7 @@ def nvim(lsp_env: dict[str, str], tmp_path: Path) -> Iterator[Nvim]:  # noqa: F8
         assert n.lua("return vim.fn.has('nvim-0.11')") == 1
         n.lua("""
             require('dgemma').setup({
-              cmd = { ..., '-m', 'dgemma.daemon.cli', 'lsp' },
+              cmd = { ..., '-m', 'dgemma.cli.main', 'lsp' },
               settings = select(2, ...),
               debounce_ms = 10,
             })

@@ -1,10 +1,9 @@
 """The same request gives the same text in the shell and in an editor: the daemon cleans every
-answer (daemon/answers.py), so `dgemma fill` prints what the language server shows as ghost text."""
+answer (engine/answers.py), so `dgemma fill` prints what the language server shows as ghost text."""
 from __future__ import annotations
 
 import json
 
-from lsprotocol import types as t
 
 from test_daemon_util import daemon, dgemma  # noqa: F401  (fixture)
 from test_lsp_e2e import FAST_OPTIONS, inline_params, lsp_env, open_doc, running_client  # noqa: F401  (fixture)

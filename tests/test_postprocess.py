@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dgemma.daemon.postprocess import Indent, clean_replacement, detect_indent, postprocess
+from dgemma.engine.postprocess import Indent, clean_replacement, detect_indent, postprocess
 
 GOLDEN = Path(__file__).parent / "golden" / "postprocess"
 CASES = sorted(GOLDEN.glob("*.txt"))

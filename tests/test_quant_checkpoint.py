@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from dgemma.quant.apply import quantize_model
 from dgemma.quant.checkpoint import CheckpointError, is_quantized_checkpoint, load_quantized_into
-from dgemma.quant.cli import register
+from dgemma.cli.quant import register
 from dgemma.quant.meta import meta_model
 from dgemma.quant.modules import QuantizedExperts, QuantLinear
 from dgemma.quant.writer import save_quantized
@@ -162,7 +162,7 @@ def _refuse(*args, **kwargs):
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "nf4"])
 def test_cli_quantize_writes_a_loadable_checkpoint(bf16_dir, tmp_path, monkeypatch, fmt):
-    loading = pytest.importorskip("dgemma.daemon.loading")
+    loading = pytest.importorskip("dgemma.engine.loading")
     if fmt == "nf4":
         pytest.importorskip("bitsandbytes")
     if not (bf16_dir / "tokenizer.json").exists():
@@ -213,7 +213,7 @@ def test_cli_quantize_dtype_and_errors(bf16_dir, tmp_path):
 def test_daemon_loader_uses_the_quantized_path(bf16_dir, model, tmp_path):
     import shutil
 
-    loading = pytest.importorskip("dgemma.daemon.loading")
+    loading = pytest.importorskip("dgemma.engine.loading")
     if not (bf16_dir / "tokenizer.json").exists():
         pytest.skip("no bundled tokenizer to build a loadable checkpoint with")
     save_quantized(quantize_model(copy.deepcopy(model), "nvfp4"), tmp_path, "dgemma")

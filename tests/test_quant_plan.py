@@ -13,12 +13,12 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 from typer.testing import CliRunner
 
-from dgemma.daemon import denoise
-from dgemma.daemon.prefix_cache import PrefixCache, cache_bytes
-from dgemma.daemon.sampling import SamplerSettings
-from dgemma.quant.cli import register
+from dgemma.engine import denoise
+from dgemma.engine.prefix_cache import PrefixCache, cache_bytes
+from dgemma.engine.sampler import SamplerSettings
+from dgemma.cli.quant import register
 from dgemma.quant.meta import load_config
-from dgemma.quant.plan import GIB, kv_cache_bytes, parse_bytes, pass_terms, plan
+from dgemma.engine.plan import GIB, kv_cache_bytes, parse_bytes, pass_terms, plan
 from tiny import tiny_config
 
 MIB = 1 << 20

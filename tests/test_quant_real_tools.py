@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from dgemma.quant.apply import tied_groups
 from dgemma.quant.checkpoint import load_quantized_into
-from dgemma.quant.cli import register
+from dgemma.cli.quant import register
 from dgemma.quant.meta import meta_model
 from dgemma.quant.modules import QuantizedExperts, QuantLinear
 from tiny import build_tiny_checkpoint

@@ -27,8 +27,8 @@ import msgpack
 import pytest
 
 from dgemma.daemon import protocol as proto
-from dgemma.daemon.errors import DgemmaError
-from dgemma.daemon.fileedit import UndoStore, apply_edit, read_source
+from dgemma.errors import DgemmaError
+from dgemma.cli.fileedit import UndoStore, apply_edit, read_source
 from test_daemon_util import FAST_CONFIG, Raw, daemon, dgemma  # noqa: F401  (fixture)
 from test_hardening_files import V0, V1, V2, _killed_edit
 

@@ -1,4 +1,4 @@
-"""The static-shape decoder step (daemon/static_step.py) on the tiny test model, on a CPU.
+"""The static-shape decoder step (engine/static_step.py) on the tiny test model, on a CPU.
 
 What runs here: the static buffers, masks, row buckets and the step under
 ``torch.compile(fullgraph=True, dynamic=False)`` (Inductor; fullgraph makes any graph break an
@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
-from dgemma.daemon.denoise import denoise, encode, expand_cache
-from dgemma.daemon.sampling import SamplerSettings
-from dgemma.daemon.static_step import StaticStep, bucket, graphs_enabled
+from dgemma.engine.denoise import denoise, encode, expand_cache
+from dgemma.engine.sampler import SamplerSettings
+from dgemma.engine.static_step import StaticStep, bucket, graphs_enabled
 from tiny import tiny_config
 
 PREFIX = 40  # past the tiny model's 32-token sliding window

@@ -1,4 +1,4 @@
-"""Suffix fit (daemon/suffix_fit.py): the causal encoder's log-probability of the suffix's first
+"""Suffix fit (engine/ranking.py): the causal encoder's log-probability of the suffix's first
 tokens after a middle, computed on a view of the prefix cache."""
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from dgemma.daemon.denoise import encode
-from dgemma.daemon.engine import Engine
-from dgemma.daemon.loading import load_model
-from dgemma.daemon.suffix_fit import suffix_fit
+from dgemma.engine.denoise import encode
+from dgemma.engine.engine import Engine
+from dgemma.engine.loading import load_model
+from dgemma.engine.ranking import suffix_fit
 
 
 @pytest.fixture(scope="module")

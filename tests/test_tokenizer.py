@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-BUNDLED = Path(__file__).resolve().parent.parent / "daemon" / "bundled"
+BUNDLED = Path(__file__).resolve().parent.parent / "dgemma" / "bundled"
 
 
 @pytest.fixture(scope="module")

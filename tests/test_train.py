@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from dgemma.daemon.loading import BUNDLED_MODEL_DIR
+from dgemma.engine.loading import BUNDLED_MODEL_DIR
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def maker():
 
 
 def test_fim_and_edit_examples_use_the_engine_layout(maker):
-    from dgemma.daemon.canvas import pinned_tail
+    from dgemma.engine.canvas import pinned_tail
     from train.config import BOS_ID, CANVAS_LENGTH, EOS_ID, PAD_ID
 
     for kind in ("fim", "cont", "edit") * 20:
@@ -115,8 +115,8 @@ def test_packed_corpus_reads_back_as_its_manifest(tmp_path, monkeypatch):
 
 
 def test_short_run_writes_a_servable_checkpoint(tmp_path):
-    from dgemma.daemon.engine import Engine
-    from dgemma.daemon.loading import load_model
+    from dgemma.engine.engine import Engine
+    from dgemma.engine.loading import load_model
     from train import train
 
     train.main(["--preset", "tiny", "--steps", "4", "--eval-every", "2", "--lm-phase", "0.5", "--lm-length", "64",

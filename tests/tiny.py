@@ -8,7 +8,7 @@ import torch
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 from transformers.models.gemma4 import Gemma4VisionConfig
 
-from dgemma.daemon.loading import BUNDLED_MODEL_DIR
+from dgemma.engine.loading import BUNDLED_MODEL_DIR
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 

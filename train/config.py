@@ -17,7 +17,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     EntropyBoundSamplerConfig,
 )
 
-from dgemma.daemon.loading import SAMPLER_FILE
+from dgemma.engine.loading import SAMPLER_FILE
 
 VOCAB_SIZE = 8192
 CANVAS_LENGTH = 64
@@ -105,10 +105,10 @@ def generation_config() -> DiffusionGemmaGenerationConfig:
 
 
 def sampler_defaults() -> dict:
-    """dgemma's own settings for the bundled model (daemon/loading.py's SAMPLER_FILE): three draws
+    """dgemma's own settings for the bundled model (engine/loading.py's SAMPLER_FILE): three draws
     of every middle length, plus rows seeded with the lines above the cursor (a quarter renoised),
     ranked by how well each leads into the suffix under the encoder, which train.train teaches to
-    predict the next token (daemon/suffix_fit.py). Picked on development packages (werkzeug,
+    predict the next token (engine/ranking.py). Picked on development packages (werkzeug,
     flask), never on the benchmark's: BENCHMARKS.md, "Bundled model quality"."""
     return {"draws": 3, "rank_by": "suffix_fit", "draft_strength": 0.25}
 

@@ -10,7 +10,7 @@ bench/infill_eval.py) and `typer` (a thin layer over click) are never part of it
 
 Files under test/, tests/, testing/, _vendor/ (copies of other packages) and idlelib/ are
 excluded, and so are EXCLUDED_PATHS and package files over MAX_FILE_CHARS (generated tables).
-The list is sorted; daemon/bundled/CORPUS.txt records the files, the package versions and a
+The list is sorted; dgemma/bundled/CORPUS.txt records the files, the package versions and a
 digest of the contents the shipped model was trained on (train.train logs whether it reads
 exactly those). A fresh install may bring newer package versions, hence other files; to train on
 exactly the shipped corpus, install its versions here, or pack the files and train elsewhere
@@ -56,7 +56,7 @@ PACKAGES_LABEL = "Packages (under site-packages/): "
 DIGEST_LABEL = "Contents sha256: "
 
 
-MANIFEST = Path(__file__).resolve().parent.parent / "daemon" / "bundled" / "CORPUS.txt"
+MANIFEST = Path(__file__).resolve().parent.parent / "dgemma" / "bundled" / "CORPUS.txt"
 
 
 def stdlib_root() -> Path:

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The bundled model's recipe, one command, about two hours on a 2-core CPU:
 #   1. the tokenizer (deterministic: the same tokenizer.json on the same Python) and the corpus
-#      manifest, into daemon/bundled;
+#      manifest, into dgemma/bundled;
 #   2. one train.train run of 115 minutes: next-token prediction for the first 30 % of the time,
 #      then the block-diffusion objective (with the next-token loss alongside);
-#   3. its best checkpoint (validation diffusion loss), copied into daemon/bundled in bf16.
-# Scored on held-out code in daemon/bundled/MODEL_CARD.md. The schedule follows the wall clock,
+#   3. its best checkpoint (validation diffusion loss), copied into dgemma/bundled in bf16.
+# Scored on held-out code in dgemma/bundled/MODEL_CARD.md. The schedule follows the wall clock,
 # so the step count depends on the machine; `pip install $(python -m train.corpus pins)` first
 # to read exactly the corpus the shipped model read.
 #

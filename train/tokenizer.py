@@ -1,6 +1,6 @@
 """Byte-level BPE tokenizer (vocab 8192) for the bundled dgemma model.
 
-    python -m train.tokenizer            # writes daemon/bundled/tokenizer.json & co.
+    python -m train.tokenizer            # writes dgemma/bundled/tokenizer.json & co.
 
 Special tokens with fixed ids: <pad>=0, <eos>=1, <bos>=2, <start_of_turn>=3,
 <end_of_turn>=4. No normalizer, ByteLevel pre-tokenizer (add_prefix_space=False) and
@@ -26,7 +26,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
-BUNDLED = Path(__file__).resolve().parent.parent / "daemon" / "bundled"
+BUNDLED = Path(__file__).resolve().parent.parent / "dgemma" / "bundled"
 
 
 def build_tokenizer(texts, vocab_size: int = VOCAB_SIZE) -> Tokenizer:

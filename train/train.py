@@ -4,7 +4,7 @@
     python -m train.train --minutes 115 --no-bf16 --threads 2 --lm-phase 0.3 --out runs/a    # that run
     python -m train.train --steps 4000 --out runs/a            # step-based, fully deterministic
     python -m train.train --init-from runs/a/best --lm-phase 0 --lr 1e-3 --out runs/b   # continue
-    python -m train.train --ship runs/b/best                   # copy into daemon/bundled
+    python -m train.train --ship runs/b/best                   # copy into dgemma/bundled
 
 The first --lm-phase of the schedule trains the shared encoder/decoder weights as a causal
 language model on code alone (`lm_loss`): every token of a row is supervised, so the stack
@@ -46,7 +46,7 @@ from train.head_loss import softcapped_cross_entropy
 from train.quickfill import pinned_onehot_logits, quick_fill
 
 ROOT = Path(__file__).resolve().parent.parent
-BUNDLED = ROOT / "daemon" / "bundled"
+BUNDLED = ROOT / "dgemma" / "bundled"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -190,7 +190,7 @@ def main(argv=None) -> None:
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                     help="bf16 autocast for the forward/backward (weights and optimizer stay fp32)")
     ap.add_argument("--ship", type=Path, default=None, help="only ship this checkpoint")
-    ap.add_argument("--ship-to", type=Path, default=BUNDLED, help="where --ship writes (default: daemon/bundled)")
+    ap.add_argument("--ship-to", type=Path, default=BUNDLED, help="where --ship writes (default: dgemma/bundled)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from this checkpoint's weights (continued training, new schedule)")
     ap.add_argument("--stop-file", type=Path, default=None,

@@ -36,7 +36,7 @@ BENCHMARK_PACKAGE = "click"  # bench/infill_eval.py's default held-out set: neve
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT / "daemon" / "bundled"))
+    ap.add_argument("--model", default=str(ROOT / "dgemma" / "bundled"))
     ap.add_argument("--package", default="werkzeug")
     ap.add_argument("--single", type=int, default=40)
     ap.add_argument("--multi", type=int, default=20)
@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     from infill_eval import make_cases, predict, score
 
-    from dgemma.daemon.engine import Engine
-    from dgemma.daemon.loading import load_model
-    from dgemma.daemon.sampling import SamplerSettings
+    from dgemma.engine.engine import Engine
+    from dgemma.engine.loading import load_model
+    from dgemma.engine.sampler import SamplerSettings
 
     loaded = load_model(args.model, device="cpu")
     _, cases = make_cases(args.package, args.single, args.multi)  # refuses a corpus package

@@ -128,7 +128,7 @@ cleanup() {
   if [ -e "$rt/daemon.log" ]; then
     for _ in $(seq 300); do [ -s "$rt/daemon.pid" ] && break; sleep 0.2; done
     pid="$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["pid"])' "$rt/daemon.pid" 2>/dev/null || true)"
-    (cd / && timeout 60 "$python_bin" -m dgemma.daemon.cli stop >/dev/null 2>&1) || true
+    (cd / && timeout 60 "$python_bin" -m dgemma.cli.main stop >/dev/null 2>&1) || true
     if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
   fi
   if [ "$rc" -ne 0 ] || [ -n "${DGEMMA_E2E_KEEP:-}" ]; then

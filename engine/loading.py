@@ -16,12 +16,13 @@ from transformers import AutoConfig, AutoTokenizer, DiffusionGemmaConfig, Diffus
 
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
 
-from dgemma.daemon.config import DTYPE_NAMES, check_device
-from dgemma.daemon.errors import DgemmaError
+import dgemma
+from dgemma.engine.devices import DTYPE_NAMES, check_device
+from dgemma.errors import DgemmaError
 from dgemma.quant import checkpoint as quant_checkpoint
 from dgemma.quant.meta import meta_model
 
-BUNDLED_MODEL_DIR = Path(__file__).parent / "bundled"
+BUNDLED_MODEL_DIR = Path(dgemma.__file__).parent / "bundled"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # dgemma's own sampler defaults for a checkpoint (SamplerSettings keys, e.g. how rows are ranked),
 # which transformers' DiffusionGemmaGenerationConfig would reject as unknown keys.

@@ -5,7 +5,7 @@ nothing stops it from re-typing what already follows the cursor, closing a
 bracket the document closes anyway, or indenting with spaces in a tab file.
 A rewrite must also fit its selection exactly: what precedes the selection on
 its first line and follows it on its last stay where they are. The daemon
-applies these rules to every answer (``daemon/answers.py``), so the shell and
+applies these rules to every answer (``engine/answers.py``), so the shell and
 the editors get the same text. Each rule is one function so the golden cases in
 ``tests/golden/`` can name the rule they pin down.
 """

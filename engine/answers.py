@@ -10,9 +10,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from dgemma.daemon.engine import Engine, Result
-from dgemma.daemon.postprocess import clean_replacement, postprocess
-from dgemma.daemon.window import CHARS_PER_TOKEN
+from dgemma.engine.engine import Engine, Result
+from dgemma.engine.postprocess import clean_replacement, postprocess
+from dgemma.engine.window import CHARS_PER_TOKEN
 
 
 def regeneration_budget(selection: str, cap: int) -> int:

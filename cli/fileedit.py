@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from glob import escape as glob_escape
 from pathlib import Path
 
-from .config import data_dir, io_error
-from .errors import DgemmaError
-from .logs import escape
+from dgemma.daemon.config import data_dir, io_error
+from dgemma.errors import DgemmaError
+from dgemma.daemon.logs import escape
 
 BOM = b"\xef\xbb\xbf"
 

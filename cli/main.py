@@ -12,15 +12,17 @@ import difflib
 import json
 import logging
 import os
-import stat
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import typer
 
-from .errors import DgemmaError
+from dgemma.cli import doctor as doctor_checks
+from dgemma.cli import quant
+from dgemma.cli.doctor import fmt_bytes
+from dgemma.cli.process import wait_gone
+from dgemma.errors import DgemmaError
 
 app = typer.Typer(name="dgemma", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fill-in-the-middle and inline edits of code with DiffusionGemma.")
@@ -55,7 +57,7 @@ def _run_request(method: str, params: dict[str, Any], *, no_daemon: bool, model:
                  device: str | None = None) -> dict[str, Any]:
     if no_daemon:
         return _run_in_process(method, params, model=model, device=device)
-    from .client import Client, DaemonUnavailable, absolute_model_spec
+    from dgemma.daemon.client import Client, DaemonUnavailable, absolute_model_spec
 
     progress = sys.stderr.isatty()
     params = dict(params, stream=progress)
@@ -82,17 +84,17 @@ def _run_request(method: str, params: dict[str, Any], *, no_daemon: bool, model:
 
 
 def _run_in_process(method: str, params: dict[str, Any], *, model: str | None, device: str | None) -> dict[str, Any]:
-    from .config import load_config
+    from dgemma.daemon.config import load_config
 
     config = load_config()  # before the imports below pull in torch: a bad file fails at once
-    from .answers import answer
-    from .server import engine_kwargs, result_payload
+    from dgemma.engine.answers import answer
+    from dgemma.daemon.server import engine_kwargs, result_payload
 
     kwargs = engine_kwargs(method, params, config.limits)
     settings = {**config.sampler, **params.get("settings", {})}
     spec = model or os.environ.get("DGEMMA_MODEL") or config.model
-    from .engine import Engine
-    from .loading import load_model
+    from dgemma.engine.engine import Engine
+    from dgemma.engine.loading import load_model
 
     loaded = load_model(spec, device=device or config.device, dtype=config.dtype, quantize=config.quantization)
     engine = Engine(loaded)
@@ -109,7 +111,7 @@ def _settings(steps: int | None) -> dict[str, Any]:
 @contextlib.contextmanager
 def _too_large(shown: str) -> Iterator[None]:
     """A request the daemon would refuse for its size (the client checks before sending) names the file."""
-    from .client import RequestTooLarge
+    from dgemma.daemon.client import RequestTooLarge
 
     try:
         yield
@@ -140,7 +142,7 @@ def edit(
     seed: Optional[int] = SeedOpt,
 ) -> None:
     """Rewrite lines START..END of FILE and show the diff (apply with --yes)."""
-    from .fileedit import apply_edit, check_range, check_writable, parse_range, read_source, replace_lines
+    from dgemma.cli.fileedit import apply_edit, check_range, check_writable, parse_range, read_source, replace_lines
 
     if yes and dry_run:
         raise DgemmaError("invalid_params", "--yes and --dry-run contradict each other")
@@ -195,7 +197,7 @@ def fill(
     seed: Optional[int] = SeedOpt,
 ) -> None:
     """Print the text that belongs at FILE:LINE:COL (the file is not changed)."""
-    from .fileedit import parse_position, read_source, split_at
+    from dgemma.cli.fileedit import parse_position, read_source, split_at
 
     name, line, col = parse_position(target)
     src = read_source(name)
@@ -218,7 +220,7 @@ def fill(
 @app.command()
 def undo(file: Path = typer.Argument(..., help="A file `dgemma edit` changed.")) -> None:
     """Put back the version of FILE from before dgemma's last edit."""
-    from .fileedit import UndoStore, shown_name
+    from dgemma.cli.fileedit import UndoStore, shown_name
 
     UndoStore().undo(file)
     _say(f"dgemma: restored {shown_name(file)}")
@@ -237,7 +239,7 @@ def serve(
                                             help="Log here, rotated (how a daemon started in the background logs)."),
 ) -> None:
     """Run the daemon: load the model once and serve editors and the command line."""
-    from .config import check_device, socket_path
+    from dgemma.daemon.config import check_device, socket_path
 
     path = socket or socket_path()
     if device is not None:
@@ -245,8 +247,8 @@ def serve(
     if detach:
         _serve_detached(path, model, device)
         return
-    from . import logs, server
-    from .config import Config, load_config
+    from dgemma.daemon import logs, server
+    from dgemma.daemon.config import Config, load_config
 
     logs.setup(logging.DEBUG if verbose else logging.INFO, log_file)
     config_error = None
@@ -265,8 +267,8 @@ def serve(
 def _serve_detached(path: Path, model: str | None, device: str | None) -> None:
     """Start the daemon in the background and wait for its model. One that cannot load it
     is stopped again: the user asked for a working daemon, and a retry must not find this one."""
-    from .client import Client, DaemonUnavailable, _start_lock, daemon_answers, spawn_daemon
-    from .config import ensure_private_dir
+    from dgemma.daemon.client import Client, DaemonUnavailable, _start_lock, daemon_answers, spawn_daemon
+    from dgemma.daemon.config import ensure_private_dir
 
     with _start_lock(ensure_private_dir(path.parent)):
         if daemon_answers(path):
@@ -281,7 +283,7 @@ def _serve_detached(path: Path, model: str | None, device: str | None) -> None:
             raise DaemonUnavailable(f"{exc.message} while it loaded the model (log: {logfile})") from None
         except DgemmaError as exc:
             client.request("shutdown")
-            _wait_gone(pid)
+            wait_gone(pid)
             raise DgemmaError(exc.code, f"{exc.message} (the daemon stopped; log: {logfile})") from None
         finally:
             if notice:
@@ -289,15 +291,11 @@ def _serve_detached(path: Path, model: str | None, device: str | None) -> None:
     print(f"dgemma daemon running (pid {pid}, socket {path})")
 
 
-def _fmt_bytes(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**30:.2f} GiB"
-
-
 @app.command()
 def status(json_out: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Show the daemon's socket, model, device, memory, queue and uptime."""
-    from .client import Client, DaemonUnavailable
-    from .config import socket_path
+    from dgemma.daemon.client import Client, DaemonUnavailable
+    from dgemma.daemon.config import socket_path
 
     try:
         with Client.connect(timeout=10) as c:
@@ -317,7 +315,7 @@ def status(json_out: bool = typer.Option(False, "--json", help="Machine-readable
         ("socket", st["socket"]), ("pid", st["pid"]), ("state", st["state"]),
         ("model", f"{st.get('model') or '-'} ({st.get('model_spec') or 'bundled'})"),
         ("device", st.get("device") or "-"),
-        ("vram", f"{_fmt_bytes(vram.get('allocated'))} in use, {_fmt_bytes(vram.get('peak'))} peak" if vram else "-"),
+        ("vram", f"{fmt_bytes(vram.get('allocated'))} in use, {fmt_bytes(vram.get('peak'))} peak" if vram else "-"),
         ("queue", f"{st['queue_depth']} waiting, {'1 running' if st['running_request'] else 'none running'}"),
         ("clients", st["clients"]), ("served", st["requests_served"]),
         ("uptime", f"{st['uptime_s']:.0f} s"), ("config", st["config_path"]),
@@ -335,8 +333,8 @@ def status(json_out: bool = typer.Option(False, "--json", help="Machine-readable
 @app.command()
 def stop() -> None:
     """Stop the daemon (requests in flight end with `cancelled`)."""
-    from .client import Client, DaemonUnavailable
-    from .config import socket_path
+    from dgemma.daemon.client import Client, DaemonUnavailable
+    from dgemma.daemon.config import socket_path
 
     try:
         with Client.connect(timeout=10) as c:
@@ -344,215 +342,15 @@ def stop() -> None:
     except DaemonUnavailable:
         _say(f"dgemma: no daemon running at {socket_path()}")
         return
-    _wait_gone(pid)
+    wait_gone(pid)
     _say(f"dgemma: daemon stopped (pid {pid})")
-
-
-def _wait_gone(pid: Any, timeout: float = 30) -> None:
-    """Wait for a daemon told to shut down to exit."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.05)
-    if _alive(pid):
-        raise DgemmaError("internal", f"the daemon (pid {pid}) did not stop within {timeout:.0f} s")
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    if sys.platform == "win32":  # os.kill(pid, 0) would send CTRL_C_EVENT there
-        import ctypes
-
-        kernel32 = ctypes.windll.kernel32
-        handle = kernel32.OpenProcess(0x00100000, False, pid)  # SYNCHRONIZE
-        if not handle:
-            return False
-        try:
-            return kernel32.WaitForSingleObject(handle, 0) == 0x102  # WAIT_TIMEOUT: still running
-        finally:
-            kernel32.CloseHandle(handle)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child (tests start the daemon themselves) counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-# ---- doctor -------------------------------------------------------------------------------
-
-Check = tuple[str, str]  # (ok | warn | fail, text)
-
-
-def _nvidia_driver() -> str | None:
-    """The NVIDIA driver version as nvidia-smi reports it; None without one."""
-    import shutil
-    import subprocess
-
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = out.stdout.strip().splitlines()
-    return lines[0].strip() if out.returncode == 0 and lines else None
-
-
-def _check_torch() -> tuple[list[Check], Any]:
-    try:
-        import torch
-    except Exception as exc:
-        return [("fail", f"torch does not import ({exc}); reinstall it: pip install torch")], None
-    out: list[Check] = [("ok", f"torch {torch.__version__}")]
-    driver = _nvidia_driver()
-    if not torch.cuda.is_available():
-        if driver and torch.version.cuda is None:
-            out.append(("warn", f"NVIDIA driver {driver} is installed but this torch is a CPU build: "
-                                "install the CUDA build of torch"))
-        elif driver:
-            out.append(("warn", f"NVIDIA driver {driver} is installed but torch (CUDA {torch.version.cuda}) sees no "
-                                "GPU: the driver may be too old for that CUDA, or CUDA_VISIBLE_DEVICES hides the GPU"))
-        else:
-            out.append(("warn", "no CUDA GPU visible: the model runs on CPU (fine for the bundled model, "
-                                "far too slow for 26B-A4B; install the CUDA build of torch on a GPU machine)"))
-        return out, None
-    idx = torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(idx)
-    free, total = torch.cuda.mem_get_info(idx)
-    out.append(("ok", f"GPU {props.name} (compute {props.major}.{props.minor}), NVIDIA driver {driver or '?'}, "
-                      f"CUDA runtime {torch.version.cuda}, {_fmt_bytes(free)} free of {_fmt_bytes(total)}"))
-    return out, free
-
-
-def _plan_bytes(model_path: Path, quantization: str | None) -> tuple[int, str]:
-    """Bytes dgemma.quant's memory plan needs for the model as the daemon loads it, and how
-    its weights are stored then."""
-    from dgemma.quant import plan as quant_plan
-    from dgemma.quant.meta import load_config as load_model_config
-    from dgemma.quant.reader import quant_format
-
-    if quantization is None or quant_format(model_path) is not None:
-        return quant_plan.plan_for_checkpoint(str(model_path)).total, "as stored"
-    # A bf16 checkpoint quantized while it loads, as load_quantized_into(quantize=) does it:
-    # experts in that format, and the layers' Linears in NF4 as well for nf4.
-    dense = "nf4" if quantization == "nf4" else None
-    plan = quant_plan.plan(load_model_config(str(model_path)), 0, experts_format=quantization, dense_format=dense)
-    return plan.total, f"quantized to {quantization} while loading"
-
-
-def _check_plan(model_path: Path | None, free: int | None, quantization: str | None = None) -> list[Check]:
-    """Free VRAM against the model's memory plan (with the configured quantization)."""
-    if model_path is None:
-        return []
-    try:
-        need, how = _plan_bytes(model_path, quantization)
-    except Exception as exc:
-        return [("warn", f"could not compute the memory plan for {model_path}: {type(exc).__name__}: {exc}")]
-    if free is None:
-        return [("ok", f"the model's plan ({how}) needs {_fmt_bytes(need)} (no GPU to compare with)")]
-    if need > free:
-        return [("fail", f"the model's plan ({how}) needs {_fmt_bytes(need)} but only {_fmt_bytes(free)} is free: "
-                         "close other GPU programs or choose 4-bit quantization in the config")]
-    return [("ok", f"the model's plan ({how}) needs {_fmt_bytes(need)}; {_fmt_bytes(free)} free")]
-
-
-def _check_config() -> tuple[list[Check], Any]:
-    """The config file's verdict, and the config (None when it is invalid)."""
-    from .config import load_config
-
-    try:
-        return [], load_config()
-    except DgemmaError as exc:
-        return [("fail", f"config: {exc.message} (fix the file; the daemon uses the previous or default "
-                         "config meanwhile)")], None
-
-
-def _check_model(model: str | None, config: Any) -> tuple[list[Check], Path | None]:
-    spec = model or os.environ.get("DGEMMA_MODEL") or (config.model if config else None)
-    try:
-        from .loading import resolve_model_path
-        path = resolve_model_path(spec)
-    except DgemmaError as exc:
-        return [("fail", exc.message)], None
-    weights = sorted(path.glob("*.safetensors"))
-    size = sum(f.stat().st_size for f in weights)
-    if not weights:
-        return [("fail", f"model {path}: no .safetensors weights (copy the checkpoint there)")], path
-    return [("ok", f"model files in {path}: {len(weights)} weight file(s), {_fmt_bytes(size)}")], path
-
-
-def _check_runtime_dir(folder: Path) -> list[Check]:
-    if not folder.exists():
-        base = folder.parent
-        while not base.exists() and base != base.parent:
-            base = base.parent
-        if base.is_dir() and os.access(base, os.W_OK | os.X_OK):
-            return [("ok", f"runtime dir {folder} is created on first use")]
-        return [("fail", f"runtime dir {folder} cannot be created ({base} is not a folder you can write to): "
-                         "set DGEMMA_RUNTIME_DIR")]
-    if not folder.is_dir():
-        return [("fail", f"runtime dir {folder} is not a folder: set DGEMMA_RUNTIME_DIR")]
-    if not hasattr(os, "getuid"):  # on Windows the user's profile folder is private
-        return []
-    st = folder.stat()
-    if st.st_uid != os.getuid():
-        return [("fail", f"{folder} belongs to uid {st.st_uid}, not you: set DGEMMA_RUNTIME_DIR")]
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        return [("fail", f"{folder} is mode {stat.S_IMODE(st.st_mode):o}, others can enter it: chmod 700 {folder}")]
-    return [("ok", f"runtime dir {folder} is private (700)")]
-
-
-def _check_daemon() -> list[Check]:
-    from .client import Client, DaemonUnavailable
-    from .config import socket_path
-
-    path = socket_path()
-    out = _check_runtime_dir(path.parent)
-    try:
-        with Client.connect(path, timeout=5) as c:
-            st_ = c.request("status")
-        out.append(("ok", f"daemon answers at {path} (pid {st_['pid']}, model {st_.get('model') or '-'}, "
-                          f"{st_['state']})"))
-        if st_["state"] == "error":
-            out.append(("fail", f"the daemon could not load its model: {st_['load_error']}"))
-        elif st_.get("load_error") and not st_.get("config_error"):  # else config_error below says it
-            out.append(("warn", f"the daemon could not reload its model, the previous one serves: "
-                                f"{st_['load_error']}"))
-        if st_.get("config_error"):
-            out.append(("warn", f"daemon config: {st_['config_error']} (the daemon keeps its previous config)"))
-    except DaemonUnavailable:
-        out.append(("ok", f"no daemon running at {path} (one starts on demand, or: dgemma serve --detach)"))
-    if path.exists() and hasattr(os, "getuid"):
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            out.append(("fail", f"socket {path} is mode {mode:o}: others may connect; `dgemma stop` and restart"))
-        else:
-            out.append(("ok", f"socket {path} is mode {mode:o}"))
-    return out
-
-
-def run_checks(model: str | None = None) -> list[Check]:
-    checks, free = _check_torch()
-    config_checks, config = _check_config()
-    model_checks, path = _check_model(model, config)
-    plan_checks = _check_plan(path, free, config.quantization if config else None)
-    return checks + plan_checks + config_checks + model_checks + _check_daemon()
 
 
 @app.command()
 def doctor(model: Optional[str] = ModelOpt) -> None:
     """Check the GPU, memory against the model's plan, model files, daemon and socket."""
     failed = False
-    for level, text in run_checks(model):
+    for level, text in doctor_checks.run_checks(model):
         print(f"{level:5} {text}")
         failed |= level == "fail"
     if failed:
@@ -569,15 +367,7 @@ def lsp() -> None:
 
 # ---- entry point --------------------------------------------------------------------------
 
-def _register_plugins() -> None:
-    """Other components add commands (`dgemma quant ...`); a missing or broken one must
-    not take the rest of the command line down."""
-    try:
-        from dgemma.quant import cli as quant_cli
-        quant_cli.register(app)
-    except Exception as exc:
-        if os.environ.get("DGEMMA_DEBUG"):
-            _say(f"dgemma: quant commands unavailable: {type(exc).__name__}: {exc}")
+quant.register(app)  # `dgemma quantize` and `dgemma plan`, listed after the commands above
 
 
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
@@ -597,7 +387,6 @@ def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type,
 
 
 def main(argv: list[str] | None = None) -> None:
-    _register_plugins()
     exit_exc, click_exc, abort_exc = _click_exceptions()
     command = typer.main.get_command(app)
     try:

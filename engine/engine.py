@@ -14,16 +14,15 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from dgemma.daemon.canvas import CanvasPlan, line_drafts, plan_rows, slot_candidates, slot_tokens
-from dgemma.daemon.consensus import agreement
-from dgemma.daemon.denoise import Interrupt, StepState, denoise, encode
-from dgemma.daemon.errors import DgemmaError
-from dgemma.daemon.loading import LoadedModel
-from dgemma.daemon.prefix_cache import PrefixCache, copy_cache, default_budget
-from dgemma.daemon.sampling import SamplerSettings
-from dgemma.daemon.suffix_fit import SUFFIX_FIT_TOKENS, suffix_fit
-from dgemma.daemon.window import Cut, cut_prefix, cut_suffix
-from dgemma.quant.plan import PREFILL_CHUNK_TOKENS
+from dgemma.engine.canvas import CanvasPlan, line_drafts, plan_rows, slot_candidates, slot_tokens
+from dgemma.engine.denoise import Interrupt, StepState, denoise, encode
+from dgemma.errors import DgemmaError
+from dgemma.engine.loading import LoadedModel
+from dgemma.engine.prefix_cache import PrefixCache, copy_cache, default_budget
+from dgemma.engine.sampler import SamplerSettings
+from dgemma.engine.ranking import SUFFIX_FIT_TOKENS, agreement, suffix_fit
+from dgemma.engine.window import Cut, cut_prefix, cut_suffix
+from dgemma.engine.plan import PREFILL_CHUNK_TOKENS
 
 MAX_ALTERNATIVES = 8
 MAX_NEW_TOKENS = 4096
@@ -53,7 +52,7 @@ class Result:
     canvases: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    prefix_dropped: int = 0  # characters at the start of the prefix the model did not see (daemon/window.py)
+    prefix_dropped: int = 0  # characters at the start of the prefix the model did not see (engine/window.py)
     suffix_dropped: int = 0  # characters at the end of the suffix it did not see
     ms: float = 0.0
     seed: int = 0
@@ -249,7 +248,7 @@ class Engine:
 
     def _context(self, head: str, code: str, room: int) -> tuple[list[int], int, Cut]:
         """Token ids of ``head`` followed by the window of ``code`` that leaves ``room`` tokens of
-        the context free (daemon/window.py), how many leading ids are *stable*, and the cut. Stable
+        the context free (engine/window.py), how many leading ids are *stable*, and the cut. Stable
         ids end before the whitespace run holding the window's last newline, so typing on the
         current line cannot change them. Prefill always splits there, which makes a prefix-cache
         hit compute exactly what a cold run computes."""

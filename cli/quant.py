@@ -1,4 +1,4 @@
-"""`dgemma quantize` and `dgemma plan`, added to the main typer app by daemon/cli.py.
+"""`dgemma quantize` and `dgemma plan`, added to the main typer app by cli/main.py.
 
 Failures print one line `dgemma: <message>` on stderr and exit 1, like every other
 dgemma command. torch and transformers are imported inside the commands so that
@@ -121,7 +121,7 @@ def plan_cmd(
 ) -> None:
     """Bytes of weights, KV cache and each pass's peak for a config, and whether they fit."""
     from dgemma.quant.meta import load_config
-    from dgemma.quant.plan import PREFILL_CHUNK_TOKENS, format_plan, parse_bytes, plan
+    from dgemma.engine.plan import PREFILL_CHUNK_TOKENS, format_plan, parse_bytes, plan
 
     choice = {"bf16": None, "nvfp4": "nvfp4", "nf4": "nf4"}
     if experts not in choice or dense not in choice:
@@ -139,14 +139,3 @@ def register(app: typer.Typer) -> None:
     """Add `quantize` and `plan` to the dgemma command line."""
     app.command("quantize")(quantize_cmd)
     app.command("plan")(plan_cmd)
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """Stand-alone entry (python -m dgemma.quant.cli) for use without the daemon's CLI."""
-    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
-    register(app)
-    app(args=argv)
-
-
-if __name__ == "__main__":
-    main()

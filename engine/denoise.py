@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from dgemma.daemon.errors import DgemmaError
-from dgemma.daemon.sampling import SamplerSettings
+from dgemma.errors import DgemmaError
+from dgemma.engine.sampler import SamplerSettings
 
 
 @dataclass

@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from dgemma.daemon.errors import DgemmaError
+from dgemma.errors import DgemmaError
 
 MAX_DRAWS = 16
 RANKINGS = ("agreement", "suffix_fit")

@@ -4,7 +4,7 @@ Weights are counted exactly from the model built on the meta device (tied tensor
 tower excluded), experts at their 4-bit storage size including scales. Everything else is what
 the daemon holds besides the weights at the peak of its two passes, term by term in `passes`:
 
-* canvas decode, one denoising step of `dgemma.daemon.denoise` (bf16 model): across the step the
+* canvas decode, one denoising step of `dgemma.engine.denoise` (bf16 model): across the step the
   loop holds one fp32 logits tensor (canvas x vocabulary; the previous step's while the model runs)
   and the self-conditioning logits in bf16; on top comes the largest transient, which at a 262k
   vocabulary is transformers' softcap (`logits / cap`, `tanh`, `* cap`, each a new fp32 tensor, so
@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from transformers import DiffusionGemmaConfig
 
-from dgemma.daemon import denoise
-from dgemma.daemon.prefix_cache import default_budget
+from dgemma.engine import denoise
+from dgemma.engine.prefix_cache import default_budget
 from dgemma.kernels.moe_align import MOE_CHUNK_TOKENS
 from dgemma.quant.formats import NF4_BLOCK, NVFP4_BLOCK
 from dgemma.quant.meta import meta_model

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from dgemma.daemon.consensus import agreement, edit_similarity, levenshtein
+from dgemma.engine.ranking import agreement, edit_similarity, levenshtein
 
 
 def reference_levenshtein(a: str, b: str) -> int:

@@ -1,0 +1,3 @@
+from dgemma.cli.main import main
+
+main()
