@@ -21,7 +21,7 @@ from dgemma.engine.canvas import plan_rows, slot_candidates
 from dgemma.engine.denoise import denoise, encode, expand_cache
 from dgemma.engine.engine import Engine
 from dgemma.engine.loading import load_model
-from dgemma.engine.sampler import SamplerSettings
+from dgemma.engine.settings import SamplerSettings
 
 
 def cpu_name() -> str:

@@ -25,7 +25,7 @@ from dgemma.engine.denoise import denoise, encode
 from dgemma.engine.engine import Engine
 from dgemma.engine.loading import BUNDLED_MODEL_DIR, LoadedModel
 from dgemma.engine.prefix_cache import cache_bytes
-from dgemma.engine.sampler import SamplerSettings
+from dgemma.engine.settings import SamplerSettings
 from dgemma.quant.apply import tied_groups
 from dgemma.quant.checkpoint import materialize_meta
 from dgemma.quant.formats import QuantizedWeight, block_size

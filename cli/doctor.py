@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from dgemma.engine.devices import model_spec
 from dgemma.errors import DgemmaError
 
 Check = tuple[str, str]  # (ok | warn | fail, text)
@@ -103,7 +104,7 @@ def _check_config() -> tuple[list[Check], Any]:
 
 
 def _check_model(model: str | None, config: Any) -> tuple[list[Check], Path | None]:
-    spec = model or os.environ.get("DGEMMA_MODEL") or (config.model if config else None)
+    spec = model_spec(model, config.model if config else None)
     try:
         from dgemma.engine.loading import resolve_model_path
         path = resolve_model_path(spec)

@@ -88,11 +88,12 @@ def _run_in_process(method: str, params: dict[str, Any], *, model: str | None, d
 
     config = load_config()  # before the imports below pull in torch: a bad file fails at once
     from dgemma.engine.answers import answer
+    from dgemma.engine.devices import model_spec
     from dgemma.daemon.server import engine_kwargs, result_payload
 
     kwargs = engine_kwargs(method, params, config.limits)
     settings = {**config.sampler, **params.get("settings", {})}
-    spec = model or os.environ.get("DGEMMA_MODEL") or config.model
+    spec = model_spec(model, config.model)
     from dgemma.engine.engine import Engine
     from dgemma.engine.loading import load_model
 

@@ -339,12 +339,6 @@ class AsyncClient:
         await self.close()
 
 
-async def connect(path: Path | str | None = None, *, autostart: bool = True, model: str | None = None,
-                  device: str | None = None) -> AsyncClient:
-    """Shorthand for AsyncClient.connect."""
-    return await AsyncClient.connect(path, autostart=autostart, model=model, device=device)
-
-
 # ---- starting the daemon --------------------------------------------------------------
 
 def daemon_answers(path: Path | None = None, timeout: float = 2.0) -> bool:
@@ -445,5 +439,5 @@ def ensure_daemon(path: Path | str | None = None, *, model: str | None = None, d
     return path
 
 
-__all__ = ["Client", "AsyncClient", "connect", "ensure_daemon", "spawn_daemon", "daemon_answers",
+__all__ = ["Client", "AsyncClient", "ensure_daemon", "spawn_daemon", "daemon_answers",
            "DaemonUnavailable", "RequestTooLarge"]

@@ -19,7 +19,7 @@ import platformdirs
 from dgemma.errors import DgemmaError
 from dgemma.daemon.protocol import DEFAULT_MAX_FRAME, MIN_FRAME
 from dgemma.engine.devices import DTYPE_NAMES, check_device
-from dgemma.engine.sampler import SamplerSettings
+from dgemma.engine.settings import SamplerSettings
 
 try:
     import tomllib

@@ -16,6 +16,16 @@ if TYPE_CHECKING:
     from dgemma.daemon.connection import Connection
 
 
+# Why a request was stopped before it finished, as the wire says it (code, message); a client
+# that disconnected gets no reply. The engine only knows it was interrupted ("cancelled").
+STOP_REPLIES: dict[str, tuple[str, str] | None] = {
+    "cancelled": ("cancelled", "cancelled by the client"),
+    "superseded": ("superseded", "superseded by a newer request for the same document"),
+    "shutdown": ("cancelled", "the daemon is shutting down"),
+    "disconnected": None,
+}
+
+
 class CancelFlag:
     """threading.Event-like flag the engine polls between steps, plus why it was set."""
 

@@ -3,16 +3,15 @@
 Threads: the asyncio loop owns every socket and all connection state; the worker thread
 owns the engine (which is not thread-safe). They meet in the Scheduler (a lock and a
 condition variable) and through loop.call_soon_threadsafe for replies. The worker never
-waits on a client, so a slow or vanished client cannot stall anyone else. A model reload
-builds the new engine on a short-lived loader thread, which touches no server state: it
-hands the engine to the worker as a control step.
+waits on a client, so a slow or vanished client cannot stall anyone else. The model in
+service and the config in force belong to the worker, in `host.ModelHost`; this module
+listens, checks each request at the door and dispatches it through the handler table.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import functools
-import gc
 import hmac
 import json
 import logging
@@ -29,10 +28,11 @@ from dgemma.daemon.config import (Config, ConfigWatcher, config_path, ensure_pri
                      tcp_info_path, transport)
 from dgemma.engine.answers import answer, regeneration_budget
 from dgemma.daemon.connection import Connection
+from dgemma.daemon.host import ModelHost, default_engine_factory, empty_cuda_cache, is_oom
 from dgemma.errors import DgemmaError
 from dgemma.engine.loading import BUNDLED_MODEL_DIR
-from dgemma.engine.sampler import check_settings
-from dgemma.daemon.scheduler import Job, Scheduler
+from dgemma.engine.settings import check_settings
+from dgemma.daemon.scheduler import STOP_REPLIES, Job, Scheduler
 
 log = logging.getLogger("dgemma.daemon")
 
@@ -60,27 +60,22 @@ class Server:
                  progress: bool = False, config_error: str | None = None) -> None:
         """`config` is the config in force; `config_error` says why the file could not be
         used at start-up (status shows it until the file is fixed)."""
-        self.config = config
-        self.cli_model = model
-        self.cli_device = device
         self.socket = socket or socket_path()
         self.config_file = config_file or config_path()
-        # progress: the loader's own bars (tensors loaded, experts quantized) on the terminal.
-        self.engine_factory = engine_factory or functools.partial(_default_engine_factory, progress=progress)
         self.scheduler = Scheduler()
-        self.watcher = ConfigWatcher(self.config_file, config, self._config_changed)
+        # progress: the loader's own bars (tensors loaded, experts quantized) on the terminal.
+        self.host = ModelHost(config, self.scheduler,
+                              engine_factory or functools.partial(default_engine_factory, progress=progress),
+                              cli_model=model, cli_device=device)
+        self.watcher = ConfigWatcher(self.config_file, config, self.host.config_changed)
         self.watcher.error = config_error
-        # Why the file's latest valid config is not in force (its model did not load).
-        self.apply_error: str | None = None
-        self.engine: Any = None
-        self.model_name: str | None = None
-        self.model_spec: str | None = self._model_spec(config)
-        self.device_name: str | None = None
-        self.state = "loading"
-        self.load_error: DgemmaError | None = None
-        self.loads = 0  # successful model loads, so `reload` can tell whether one happened
-        self.loading: str | None = None  # the model loading beside the one in service
-        self._after_load: list[Callable[[], None]] = []  # config steps waiting for that load
+        # The dispatch table: a handler answers with a result, or None when it replies later
+        # (fill and edit from the worker, reload once the config is in force). `hello` comes first,
+        # before the table is open to a connection.
+        self.handlers: dict[str, Callable[[Connection, Any, dict[str, Any]], dict[str, Any] | None]] = {
+            "ping": self._m_ping, "status": self._m_status, "fill": self._m_fill, "edit": self._m_edit,
+            "cancel": self._m_cancel, "reload": self._m_reload, "shutdown": self._m_shutdown}
+        assert {"hello", *self.handlers} == set(proto.METHODS), "the protocol's methods and the handlers differ"
         self.started = time.time()
         self.served = 0
         self.served_by_method: collections.Counter[str] = collections.Counter()
@@ -99,110 +94,8 @@ class Server:
         self.token: str | None = None
         self.port: int | None = None
 
-    # -- model ---------------------------------------------------------------------------
-
-    def _model_spec(self, config: Config) -> str | None:
-        """--model beats DGEMMA_MODEL beats the config file; None means the bundled model
-        (load_model applies the environment variable itself)."""
-        if self.cli_model:
-            return self.cli_model
-        if os.environ.get("DGEMMA_MODEL"):
-            return os.environ["DGEMMA_MODEL"]
-        return config.model
-
-    def _load(self, config: Config) -> bool:
-        """Worker thread, with no engine in service (at start-up, after a failed first load, or
-        once the old model was given up to make room): load the model `config` asks for while
-        requests wait; returns whether it loaded. When it does not, the daemon stays up in state
-        `error`, answering fill/edit with the load error, so `dgemma status` can say what went
-        wrong."""
-        spec = self._model_spec(config)
-        self.state = "loading"
-        t0 = time.monotonic()
-        log.info("loading model %s", spec or "(bundled)")
-        try:
-            engine, failure = self._build_engine(config, spec), None
-        except Exception as exc:
-            engine, failure = None, exc
-        return self._install(spec, engine, failure, t0)
-
-    def _load_beside(self, config: Config, done: Callable[[bool], None]) -> None:
-        """Worker thread: load `config`'s model on a thread of its own while the engine in service
-        goes on serving; between two requests the worker swaps it in, then calls done(loaded).
-        A model too big to sit beside the old one is loaded again by `_load`, which gives the
-        old one up first."""
-        spec = self._model_spec(config)
-        self.loading = spec or "(bundled)"
-        t0 = time.monotonic()
-        log.info("loading model %s while %s serves", self.loading, self.model_name)
-
-        def build() -> None:
-            try:
-                engine, failure = self._build_engine(config, spec), None
-            except Exception as exc:
-                engine, failure = None, exc
-            self.scheduler.control(lambda: install(engine, failure))
-
-        def install(engine: Any, failure: Exception | None) -> None:
-            self.loading = None
-            if _is_oom(failure):  # two models rarely fit on one GPU
-                self._give_up_engine()
-                ok = self._load(config)
-            else:
-                ok = self._install(spec, engine, failure, t0)
-            try:
-                done(ok)
-            finally:
-                waiting, self._after_load = self._after_load, []
-                for step in waiting:
-                    step()
-
-        threading.Thread(target=build, name="dgemma-load", daemon=True).start()
-
-    def _install(self, spec: str | None, engine: Any, failure: Exception | None, t0: float) -> bool:
-        """Worker thread: put a freshly built engine in service, or record why it was not built."""
-        if failure is not None:
-            if isinstance(failure, DgemmaError):
-                error = failure
-            else:
-                log.error("model load failed", exc_info=failure)
-                error = DgemmaError("model_missing", f"cannot load the model: {type(failure).__name__}: {failure}")
-            self.load_error = error
-            if self.engine is None:
-                self.model_spec, self.state = spec, "error"
-                log.error("cannot load the model: %s", error.message)
-            else:
-                self.state = "ready"
-                log.error("cannot load the model, %s keeps serving: %s", self.model_name, error.message)
-            return False
-        replaced = self.engine is not None
-        self.engine = engine
-        self.model_spec = spec
-        loaded = getattr(engine, "loaded", None) or getattr(engine, "model", None)
-        self.model_name = str(getattr(loaded, "name", None) or spec or "bundled")
-        self.device_name = str(getattr(loaded, "device", "") or "") or None
-        self.load_error = None
-        self.loads += 1
-        self.state = "ready"
-        if replaced:  # hand the old model's memory back now, not at some later collection
-            gc.collect()
-            _empty_cuda_cache()
-        log.info("model %s ready on %s in %.1f s", self.model_name, self.device_name, time.monotonic() - t0)
-        return True
-
-    def _build_engine(self, config: Config, spec: str | None) -> Any:
-        return self.engine_factory(config, spec, self.cli_device or config.device)
-
-    def _give_up_engine(self) -> None:
-        """Worker thread: unload the engine in service, for a new model that does not fit beside it."""
-        log.warning("the new model does not fit next to %s; unloading that one first", self.model_name)
-        self.engine = None
-        self.model_name = self.device_name = None
-        gc.collect()
-        _empty_cuda_cache()
-
     def _worker_main(self) -> None:
-        self._load(self.config)
+        self.host.load(self.host.config)
         while True:
             item = self.scheduler.take()
             if item is None:
@@ -225,8 +118,8 @@ class Server:
                 raise DgemmaError("cancelled", "cancelled")
             if job.deadline is not None and time.monotonic() > job.deadline:
                 raise DgemmaError("deadline", "the deadline passed while the request was queued")
-            if self.engine is None:
-                raise self.load_error or DgemmaError("model_missing", "no model loaded")
+            if self.host.engine is None:
+                raise self.host.load_error or DgemmaError("model_missing", "no model loaded")
             reply = proto.result(job.id, self._execute(job))
         except DgemmaError as exc:
             reply = self._error_reply(job, exc)
@@ -238,7 +131,7 @@ class Server:
             self._call_soon(self._forget, job)
 
     def _execute(self, job: Job) -> dict[str, Any]:
-        engine = self.engine
+        engine = self.host.engine
         loop = self._loop
         assert loop is not None
         conn, rid = job.conn, job.id
@@ -249,12 +142,12 @@ class Server:
                                       proto.draft(rid, d.text, int(d.step), int(getattr(d, "canvas", 0))))
         on_step = send_draft if job.stream else None
         kwargs = dict(job.kwargs)
-        settings = {**self.config.sampler, **job.settings}
+        settings = {**self.host.config.sampler, **job.settings}
         if settings:
             kwargs["settings"] = settings  # the engine overlays it on its defaults and validates
         t0 = time.monotonic()
         res = answer(engine, job.method, kwargs, on_step=on_step, cancel=job.flag, deadline=job.deadline)
-        payload = result_payload(res, self.model_name)
+        payload = result_payload(res, self.host.model_name)
         payload["queue_ms"] = (t0 - job.received) * 1000
         return payload
 
@@ -262,24 +155,17 @@ class Server:
         if exc.code not in ("cancelled", "deadline"):
             log.warning("client %d: %s %r failed: %s: %.300s", job.conn.cid, job.method, job.id, exc.code, exc.message)
         if exc.code in ("cancelled", "deadline") and job.flag.is_set():
-            reason = job.flag.reason
-            if reason == "disconnected":
-                return None  # nobody to tell
-            if reason == "superseded":
-                return proto.error(job.id, "superseded", "superseded by a newer request for the same document")
-            if reason == "shutdown":
-                return proto.error(job.id, "cancelled", "the daemon is shutting down")
-            return proto.error(job.id, "cancelled", "cancelled by the client")
+            return _stopped(job, job.flag.reason)
         return proto.error(job.id, exc.code, exc.message)
 
     def _exception_reply(self, job: Job, exc: Exception) -> dict[str, Any]:
-        if _is_oom(exc):
+        if is_oom(exc):
             log.error("out of memory on request %r of client %d", job.id, job.conn.cid)
             # Cached prefixes only save prefill time: give back whatever memory they hold.
-            cache = getattr(self.engine, "prefix_cache", None)
+            cache = getattr(self.host.engine, "prefix_cache", None)
             if cache is not None:
                 cache.clear()
-            _empty_cuda_cache()
+            empty_cuda_cache()
             return proto.error(job.id, "out_of_memory",
                                "the GPU ran out of memory on this request; try a shorter context or fewer candidates")
         log.error("internal error on request %r of client %d", job.id, job.conn.cid, exc_info=True)
@@ -312,7 +198,7 @@ class Server:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._next_cid += 1
-        limits = self.config.limits
+        limits = self.host.config.limits
         conn = Connection(self._next_cid, reader, writer, limits.max_queued_drafts)
         self.connections[conn.cid] = conn
         loop = asyncio.get_running_loop()
@@ -340,7 +226,7 @@ class Server:
                         msg = await asyncio.wait_for(proto.read_frame(reader, proto.PREAUTH_MAX_FRAME),
                                                      max(0.0, hello_by - loop.time()))
                     else:
-                        msg = await proto.read_frame(reader, self.config.limits.max_frame_bytes)
+                        msg = await proto.read_frame(reader, self.host.config.limits.max_frame_bytes)
                 except proto.ConnectionClosed:
                     break
                 except asyncio.TimeoutError:
@@ -428,8 +314,7 @@ class Server:
                 return
             if not conn.greeted:
                 raise DgemmaError("invalid_request", "handshake first: send a `hello` request with your protocol version")
-            handler = getattr(self, f"_m_{method}")
-            value = handler(conn, rid, params)
+            value = self.handlers[method](conn, rid, params)
             if value is not None:
                 self.served += 1
                 self.served_by_method[method] += 1
@@ -450,8 +335,8 @@ class Server:
             raise DgemmaError("invalid_request", f"protocol version {version} is not supported; this daemon speaks "
                                                  f"{', '.join(map(str, proto.SUPPORTED_VERSIONS))} (upgrade the older side)")
         conn.greeted = True
-        return {"protocol": version, "server": SERVER_NAME, "pid": os.getpid(), "model": self.model_name,
-                "state": self.state, "max_frame": self.config.limits.max_frame_bytes}
+        return {"protocol": version, "server": SERVER_NAME, "pid": os.getpid(), "model": self.host.model_name,
+                "state": self.host.state, "max_frame": self.host.config.limits.max_frame_bytes}
 
     def _m_ping(self, conn: Connection, rid: Any, params: dict[str, Any]) -> dict[str, Any]:
         return {"pong": True, "time": time.time()}
@@ -461,15 +346,15 @@ class Server:
         return {
             "pid": os.getpid(), "server": SERVER_NAME, "protocol": proto.PROTOCOL_VERSION,
             "socket": f"tcp://127.0.0.1:{self.port}" if self.port is not None else str(self.socket),
-            "transport": self.transport, "state": self.state,
-            "model": self.model_name, "model_spec": self.model_spec, "device": self.device_name,
-            "loading": self.loading, "load_error": self.load_error.message if self.load_error else None,
+            "transport": self.transport, "state": self.host.state,
+            "model": self.host.model_name, "model_spec": self.host.model_spec, "device": self.host.device_name,
+            "loading": self.host.loading, "load_error": self.host.load_error.message if self.host.load_error else None,
             "vram": _vram(), "queue_depth": self.scheduler.depth(),
             "running": None if running is None else {"method": running.method, "client": running.conn.cid},
             "clients": len(self.connections), "requests_served": self.served,
             "served_by_method": dict(self.served_by_method),
             "uptime_s": time.time() - self.started,
-            "config_path": str(self.config_file), "config_error": self.watcher.error or self.apply_error,
+            "config_path": str(self.config_file), "config_error": self.watcher.error or self.host.apply_error,
         }
 
     def _m_fill(self, conn: Connection, rid: Any, params: dict[str, Any]) -> None:
@@ -479,7 +364,7 @@ class Server:
         self._submit(conn, rid, "edit", params)
 
     def _submit(self, conn: Connection, rid: Any, method: str, params: dict[str, Any]) -> None:
-        limits = self.config.limits
+        limits = self.host.config.limits
         if rid in conn.jobs:
             raise DgemmaError("invalid_request", f"request id {rid!r} is already in use on this connection")
         if len(conn.jobs) >= limits.max_pending_per_client:
@@ -487,8 +372,8 @@ class Server:
                                            f"(limit {limits.max_pending_per_client})")
         kwargs = engine_kwargs(method, params, limits)
         wanted = proto.param(params, "model", str, None)
-        if wanted is not None and _canon_model(wanted) != _canon_model(self.model_spec):
-            raise DgemmaError("invalid_params", f"this daemon serves {self.model_spec or 'the bundled model'}, not "
+        if wanted is not None and _canon_model(wanted) != _canon_model(self.host.model_spec):
+            raise DgemmaError("invalid_params", f"this daemon serves {self.host.model_spec or 'the bundled model'}, not "
                                                 f"{proto.clip(wanted, 200)}; run `dgemma stop` first, or use --no-daemon")
         # Each setting's type and range here, at the door (the engine checks how they combine).
         settings = check_settings(proto.param(params, "settings", dict, {}))
@@ -499,7 +384,7 @@ class Server:
                   deadline=None if deadline_ms is None else time.monotonic() + deadline_ms / 1000)
         conn.jobs[rid] = job
         for old in self.scheduler.put(job):
-            self._finish(old, proto.error(old.id, "superseded", "superseded by a newer request for the same document"))
+            self._finish(old, _stopped(old, "superseded"))
 
     def _m_cancel(self, conn: Connection, rid: Any, params: dict[str, Any]) -> dict[str, Any]:
         target = params.get("id")
@@ -510,7 +395,7 @@ class Server:
             return {"cancelled": False}
         if self.scheduler.remove(lambda j: j is job):
             job.flag.set("cancelled")
-            self._finish(job, proto.error(job.id, "cancelled", "cancelled by the client"))
+            self._finish(job, _stopped(job, "cancelled"))
         else:
             job.flag.set("cancelled")  # running: the worker replies after the current step
         return {"cancelled": True}
@@ -525,63 +410,22 @@ class Server:
             new, _ = self.watcher.reload(notify=False)  # applied once, below
         except DgemmaError as exc:
             raise DgemmaError(exc.code, f"config not reloaded, the previous one stays: {exc.message}") from None
-        loads = self.loads
+        loads = self.host.loads
 
         def reply() -> None:
-            error = self.apply_error or (self.load_error.message if self.load_error else None)
+            error = self.host.apply_error or (self.host.load_error.message if self.host.load_error else None)
             self._call_soon(conn.send, proto.result(rid, {
-                "reloaded": self.config == new, "model_reloaded": self.loads > loads, "model": self.model_name,
-                "model_spec": self.model_spec, "state": self.state, "error": error}))
+                "reloaded": self.host.config == new, "model_reloaded": self.host.loads > loads, "model": self.host.model_name,
+                "model_spec": self.host.model_spec, "state": self.host.state, "error": error}))
 
         # A load the watcher queued for this same file ran before this step and counts:
         # `reload_model` never loads the model twice.
-        self._config_step(lambda: self._switch_config(new, force_model=force and self.loads == loads, then=reply))
+        self.host.config_step(lambda: self.host.switch_config(new, force_model=force and self.host.loads == loads, then=reply))
 
     def _m_shutdown(self, conn: Connection, rid: Any, params: dict[str, Any]) -> dict[str, Any]:
         assert self._loop is not None
         self._loop.call_soon(lambda: self._loop.create_task(self.stop()))  # type: ignore[union-attr]
         return {"ok": True, "pid": os.getpid()}
-
-    # -- config ---------------------------------------------------------------------------
-
-    def _config_changed(self, old: Config, new: Config) -> None:
-        self._config_step(lambda: self._switch_config(new))
-
-    def _config_step(self, step: Callable[[], None]) -> None:
-        """Run `step` on the worker thread between requests, after any model load in flight:
-        a config decides against the model actually in force, and loads never overlap."""
-        def run() -> None:
-            if self.loading:
-                self._after_load.append(run)
-            else:
-                step()
-        self.scheduler.control(run)
-
-    def _switch_config(self, new: Config, force_model: bool = False, then: Callable[[], None] | None = None) -> None:
-        """Worker thread, between requests: put `new` in force, loading its model first when
-        the model settings changed (or `force_model`), then call `then`. The engine in service
-        keeps serving while the new model loads. When that model does not load, the previous
-        config and engine stay in force and config_error says why."""
-        model_changed = new.model_identity() != self.config.model_identity()
-
-        def commit(loaded: bool) -> None:
-            if not loaded and model_changed:
-                assert self.load_error is not None
-                self.apply_error = f"the model it names did not load: {self.load_error.message}"
-            else:
-                self.config = new
-                self.apply_error = None
-            if then is not None:
-                then()
-
-        if not (force_model or model_changed):
-            if self.engine is not None:
-                self.load_error = None  # an earlier failed model change is moot: this config's model serves
-            commit(True)
-        elif self.engine is not None:
-            self._load_beside(new, commit)
-        else:
-            commit(self._load(new))
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -652,7 +496,7 @@ class Server:
         if running is not None:
             running.flag.set("shutdown")
         for job in self.scheduler.close():
-            self._finish(job, proto.error(job.id, "cancelled", "the daemon is shutting down"))
+            self._finish(job, _stopped(job, "shutdown"))
         await self.watcher.stop()
         if self._worker is not None:
             # The worker notices the flag after at most one denoising step.
@@ -685,6 +529,12 @@ class Server:
 
 
 # ---- helpers ----------------------------------------------------------------------------
+
+def _stopped(job: Job, reason: str) -> dict[str, Any] | None:
+    """The reply to a request stopped early for `reason` (scheduler.STOP_REPLIES); None: nobody to tell."""
+    reply = STOP_REPLIES[reason]
+    return None if reply is None else proto.error(job.id, *reply)
+
 
 def engine_kwargs(method: str, params: dict[str, Any], limits: Any) -> dict[str, Any]:
     """Validated keyword arguments for Engine.fill / Engine.edit from request params
@@ -726,32 +576,6 @@ def result_payload(res: Any, model_name: str | None) -> dict[str, Any]:
         "suffix_dropped": int(getattr(res, "suffix_dropped", 0) or 0),
         "canvases": int(getattr(res, "canvases", 0) or 0),
     }
-
-
-def _default_engine_factory(config: Config, model: str | None, device: str | None, progress: bool = False) -> Any:
-    from dgemma.engine.engine import Engine
-    from dgemma.engine.loading import load_model
-
-    return Engine(load_model(model, device=device, dtype=config.dtype, quantize=config.quantization,
-                             progress=progress))
-
-
-def _is_oom(exc: BaseException) -> bool:
-    try:
-        import torch
-    except Exception:
-        return False
-    oom = getattr(torch.cuda, "OutOfMemoryError", None) or getattr(torch, "OutOfMemoryError", None)
-    return oom is not None and isinstance(exc, oom)
-
-
-def _empty_cuda_cache() -> None:
-    try:
-        import torch
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:
-        pass
 
 
 def _vram() -> dict[str, int] | None:

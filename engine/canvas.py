@@ -17,10 +17,6 @@ class CanvasPlan:
     pinned: torch.Tensor  # (B, C) bool: positions that are fixed for the whole loop
     slots: list[int]  # free slots per row; they always come first
 
-    @property
-    def batch(self) -> int:
-        return self.tokens.shape[0]
-
 
 def slot_candidates(canvas_length: int, max_tokens: int) -> list[int]:
     """Middle lengths decoded side by side: a quarter, half, three quarters of the canvas and all

@@ -1,8 +1,16 @@
-"""Device and dtype names a model can be loaded with, checked without importing torch: the
-config and the command line read them on paths that must start fast."""
+"""What to load, decided without importing torch (the config and the command line read these on
+paths that must start fast): which model, and the device and dtype names it can be loaded with."""
 from __future__ import annotations
 
+import os
+
 from dgemma.errors import DgemmaError
+
+
+def model_spec(flag: str | None, configured: str | None) -> str | None:
+    """The one precedence of a model: the command line's --model, then $DGEMMA_MODEL, then the
+    config file's `model`; None means the bundled model."""
+    return flag or os.environ.get("DGEMMA_MODEL") or configured or None
 
 # Device types dgemma can run a model on (torch.device names). "meta" and the like hold no
 # data: a model "loaded" there fails on every request. Whether this machine has the device is

@@ -19,7 +19,7 @@ from dgemma.engine.denoise import Interrupt, StepState, denoise, encode
 from dgemma.errors import DgemmaError
 from dgemma.engine.loading import LoadedModel
 from dgemma.engine.prefix_cache import PrefixCache, copy_cache, default_budget
-from dgemma.engine.sampler import SamplerSettings
+from dgemma.engine.settings import SamplerSettings
 from dgemma.engine.ranking import SUFFIX_FIT_TOKENS, agreement, suffix_fit
 from dgemma.engine.window import Cut, cut_prefix, cut_suffix
 from dgemma.engine.plan import PREFILL_CHUNK_TOKENS
@@ -33,7 +33,7 @@ class Completion:
     text: str
     score: float  # mean log-probability of the chosen tokens (and the closing <eos>)
     agreement: float  # mean edit similarity of its first canvas to the request's other first-canvas rows
-    fit: float | None  # log p(suffix's first tokens | prefix + first canvas), when ranked by it (suffix_fit.py)
+    fit: float | None  # log p(suffix's first tokens | prefix + first canvas), when ranked by it (ranking.py)
     tokens: int
     finished: bool  # the model closed the middle with <eos> (False: cut by the token budget)
 
@@ -355,8 +355,8 @@ class Engine:
         # First canvas: every planned layout, drawn max(n, draws) times, in one batch. An empty
         # middle comes last (a request for a fill wants text, and closing at once is the cheapest
         # thing a model can say); then, when the settings rank by it, the row that leads best
-        # into the suffix (suffix_fit.py); then rows that ran out of slots (they cost another
-        # canvas each); then the rows most like all the others (consensus.py).
+        # into the suffix (ranking.py); then rows that ran out of slots (they cost another
+        # canvas each); then the rows most like all the others (ranking.py).
         decoded = self._decode_canvas(cache, plans(0, max_tokens) * max(n, settings.draws), suffix_ids,
                                       strength, req)
         votes = agreement([self._decode(row.tokens) for row in decoded])

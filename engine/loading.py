@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoTokenizer, DiffusionGemmaConfig, Diffus
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
 
 import dgemma
-from dgemma.engine.devices import DTYPE_NAMES, check_device
+from dgemma.engine.devices import DTYPE_NAMES, check_device, model_spec
 from dgemma.errors import DgemmaError
 from dgemma.quant import checkpoint as quant_checkpoint
 from dgemma.quant.meta import meta_model
@@ -41,8 +41,9 @@ class LoadedModel:
 
 
 def resolve_model_path(model: str | os.PathLike | None = None) -> Path:
-    """Explicit argument > $DGEMMA_MODEL > the bundled model; a hub id is looked up offline."""
-    spec = str(model) if model is not None else os.environ.get("DGEMMA_MODEL") or str(BUNDLED_MODEL_DIR)
+    """The checkpoint directory of ``model`` (devices.model_spec's precedence; None: the bundled
+    model); a hub id is looked up offline."""
+    spec = str(model_spec(None if model is None else str(model), None) or BUNDLED_MODEL_DIR)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -52,11 +53,15 @@ def resolve_model_path(model: str | os.PathLike | None = None) -> Path:
         raise DgemmaError("model_missing", f"Model path {path} is a file; give the checkpoint's directory.")
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
 
         try:
             return Path(snapshot_download(spec, local_files_only=True))
-        except Exception:
-            pass
+        except LocalEntryNotFoundError:
+            pass  # not in the offline cache: said below
+        except (OSError, ValueError) as exc:  # in the cache but unreadable: not "not on this machine"
+            raise DgemmaError("model_missing", f"Model '{spec}' is in the Hugging Face cache but cannot be read: "
+                                               f"{type(exc).__name__}: {exc}") from None
     raise DgemmaError(
         "model_missing",
         f"Model '{spec}' is not on this machine: download it where you have network "

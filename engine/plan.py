@@ -4,7 +4,7 @@ Weights are counted exactly from the model built on the meta device (tied tensor
 tower excluded), experts at their 4-bit storage size including scales. Everything else is what
 the daemon holds besides the weights at the peak of its two passes, term by term in `passes`:
 
-* canvas decode, one denoising step of `dgemma.engine.denoise` (bf16 model): across the step the
+* canvas decode, one denoising step of `dgemma.engine.denoise` (sampling in `dgemma.engine.sampler`) (bf16 model): across the step the
   loop holds one fp32 logits tensor (canvas x vocabulary; the previous step's while the model runs)
   and the self-conditioning logits in bf16; on top comes the largest transient, which at a 262k
   vocabulary is transformers' softcap (`logits / cap`, `tanh`, `* cap`, each a new fp32 tensor, so
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers import DiffusionGemmaConfig
 
-from dgemma.engine import denoise
+from dgemma.engine import sampler
 from dgemma.engine.prefix_cache import default_budget
 from dgemma.kernels.moe_align import MOE_CHUNK_TOKENS
 from dgemma.quant.formats import NF4_BLOCK, NVFP4_BLOCK
@@ -214,7 +214,7 @@ def pass_terms(config: DiffusionGemmaConfig, context: int, batch: int = 1,
     logits = rows * vocab * FP32
     # The sampler works on SAMPLE_CHUNK_BYTES of positions x vocabulary at a time; it holds four such
     # temporaries at once: gathered rows, softmax, log-softmax and their product.
-    chunk_rows = min(rows, max(1, denoise.SAMPLE_CHUNK_BYTES // (vocab * FP32)))
+    chunk_rows = min(rows, max(1, sampler.SAMPLE_CHUNK_BYTES // (vocab * FP32)))
     transients = {
         "softcap, 2 fp32 logits": 2 * logits + rows * tc.hidden_size * BF16,
         # softmax(dtype=float32) of the bf16 logits: an fp32 copy, then the softmax itself.

@@ -10,19 +10,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
 
+from dgemma.errors import DgemmaError
+
 log = logging.getLogger("dgemma.lsp.backend")
 
 # state, human message, extra details (model name, error code)
 StateCallback = Callable[[str, str, dict[str, Any]], Awaitable[None]]
-
-
-class BackendError(Exception):
-    """A daemon error (its code) or ``unavailable`` when no daemon could be reached."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -36,6 +29,7 @@ class FillResult:
 
 class Backend(Protocol):
     state: str
+    retry_after_s: float  # seconds before asking again a daemon whose model failed to load
 
     async def ensure_ready(self) -> None: ...
 
@@ -63,7 +57,7 @@ class DaemonBackend:
         self.retry_after_s = retry_after_s
         self.poll_s = poll_s
         self.state = "stopped"  # stopped | starting | loading | ready | error
-        self.error: BackendError | None = None
+        self.error: DgemmaError | None = None
         self.model: str | None = None
         self._failed_at = 0.0
         self._client: Any = None
@@ -83,16 +77,15 @@ class DaemonBackend:
             return True
         return time.monotonic() - self._failed_at >= self.retry_after_s
 
-    async def _fail(self, err: BackendError) -> BackendError:
+    async def _fail(self, err: DgemmaError) -> DgemmaError:
         self.error = err
         self._failed_at = time.monotonic()
         await self._emit("error", err.message, code=err.code)
         return err
 
     async def ensure_ready(self) -> Any:
-        """The connected client once the daemon's model is loaded; raises BackendError."""
+        """The connected client once the daemon's model is loaded; raises DgemmaError."""
         from dgemma.daemon.client import AsyncClient, daemon_answers
-        from dgemma.errors import DgemmaError
 
         async with self._lock:
             client = self._client
@@ -105,7 +98,7 @@ class DaemonBackend:
                 try:
                     client = await AsyncClient.connect(autostart=True)
                 except DgemmaError as exc:
-                    raise await self._fail(BackendError(exc.code, exc.message)) from None
+                    raise await self._fail(DgemmaError(exc.code, exc.message)) from None
                 self._client = client
             try:
                 info = await client.request("status")
@@ -118,23 +111,22 @@ class DaemonBackend:
                     info = await client.request("status")
             except DgemmaError as exc:
                 self._client = None
-                raise await self._fail(BackendError(exc.code, exc.message)) from None
+                raise await self._fail(DgemmaError(exc.code, exc.message)) from None
             if info.get("state") == "error":
                 msg = info.get("load_error") or "the daemon could not load its model"
-                raise await self._fail(BackendError("model_missing", f"dgemma: {msg}"))
+                raise await self._fail(DgemmaError("model_missing", f"dgemma: {msg}"))
             self.model = info.get("model")
             self.error = None
             await self._emit("ready", f"Model {self.model or ''} ready".replace("  ", " "), model=self.model)
             return client
 
     async def _request(self, method: str, params: dict[str, Any]) -> FillResult:
-        from dgemma.errors import DgemmaError
 
         client = await self.ensure_ready()
         try:
             res = await client.request(method, params)
         except DgemmaError as exc:
-            err = BackendError(exc.code, exc.message)
+            err = DgemmaError(exc.code, exc.message)
             if exc.code == "unavailable":
                 # The daemon went away (stopped, crashed): reconnect next time.
                 self._client = None

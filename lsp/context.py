@@ -63,10 +63,6 @@ def comment_prefix(language: str) -> str | None:
     return None
 
 
-def tokens(text: str) -> int:
-    return (len(text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
-
-
 def offset_at(text: str, line: int, character: int) -> int:
     """Character offset of an LSP position (UTF-16 columns clamped to the line)."""
     pos = 0

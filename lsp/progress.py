@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from lsprotocol import types
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dgemma.lsp.backend import BackendError
+    from dgemma.errors import DgemmaError
     from dgemma.lsp.server import DgemmaLanguageServer
 
 log = logging.getLogger("dgemma.lsp.progress")
@@ -100,7 +100,11 @@ class StateReporter:
         self._shown.add(message)
         self.ls.window_show_message(types.ShowMessageParams(type=kind, message=message))
 
-    def request_failed(self, exc: "BackendError", always: bool = False) -> None:
+    def warn_once(self, message: str) -> None:
+        """Something the user can fix (a bad setting): one message, not one per request."""
+        self._show_once(types.MessageType.Warning, message)
+
+    def request_failed(self, exc: "DgemmaError", always: bool = False) -> None:
         """A request failed for a reason other than being superseded or cancelled."""
         from dgemma.lsp.backend import LOAD_ERRORS
 

@@ -19,7 +19,8 @@ from lsprotocol import types
 from pygls.lsp.server import LanguageServer
 
 from dgemma import __version__
-from dgemma.lsp.backend import Backend, BackendError, DaemonBackend
+from dgemma.lsp.backend import Backend, DaemonBackend
+from dgemma.errors import DgemmaError
 from dgemma.lsp.cache import CompletionCache
 from dgemma.lsp.context import RingBuffer, build_prompt, language_of, offset_at, position_at, window
 from dgemma.lsp.progress import StateReporter
@@ -57,9 +58,12 @@ class DgemmaLanguageServer(LanguageServer):
         serve_stdio(self, stdin, stdout)
 
     def apply_settings(self, options: Any) -> None:
-        self.settings = self.settings.merged(options)
+        self.settings, problems = self.settings.merged(options)
+        for problem in problems:
+            self.reporter.warn_once(problem)
         self.ring.capacity = self.settings.ring_size
         self.debouncer.delay_s = self.settings.debounce_ms / 1000
+        self.backend.retry_after_s = self.settings.retry_after_s
 
     def supports_inline_completion(self) -> bool:
         caps = self.client_capabilities
@@ -96,7 +100,7 @@ async def initialized(ls: DgemmaLanguageServer, params: types.InitializedParams)
 async def _warm_up(ls: DgemmaLanguageServer) -> None:
     try:
         await ls.backend.ensure_ready()
-    except BackendError:
+    except DgemmaError:
         pass  # already reported once by the reporter
     except Exception:  # pragma: no cover - never let a warm-up kill the server
         log.exception("warm-up failed")
@@ -199,7 +203,7 @@ async def _complete(ls: DgemmaLanguageServer, uri: str, position: types.Position
         # $/cancelRequest from the client (or a closed document): stop the model too.
         task.cancel()
         raise
-    except BackendError as exc:
+    except DgemmaError as exc:
         if exc.code not in ("superseded", "cancelled"):
             ls.reporter.request_failed(exc)
         return None
@@ -326,14 +330,14 @@ async def rewrite(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
         # The daemon fits the answer to the selection (engine/postprocess.py, clean_replacement).
         res = await ls.backend.edit(prefix, selection, suffix, instruction, document=_edit_key(uri),
                                     strength=s.strength, seed=s.seed, sampler=s.sampler)
-    except BackendError as exc:
+    except DgemmaError as exc:
         ls.reporter.request_failed(exc, always=True)
         return {"applied": False, "error": exc.code, "message": exc.message}
     finally:
         ls.reporter.idle()
     if not res.text:
         # Applying "" would delete the selection: nothing was asked to be deleted.
-        empty = BackendError("empty", "The model gave nothing for this selection; nothing was changed.")
+        empty = DgemmaError("empty", "The model gave nothing for this selection; nothing was changed.")
         ls.reporter.request_failed(empty, always=True)
         return {"applied": False, "error": empty.code, "message": empty.message}
     applied = await _apply(ls, uri, version, rng, res.text)
@@ -356,7 +360,7 @@ async def fill(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
     try:
         res = await ls.backend.fill(prompt.prefix, prompt.suffix, document=_edit_key(uri),
                                     max_tokens=s.max_tokens_invoked, n=s.n, seed=s.seed, sampler=s.sampler)
-    except BackendError as exc:
+    except DgemmaError as exc:
         ls.reporter.request_failed(exc, always=True)
         return {"applied": False, "error": exc.code, "message": exc.message}
     finally:

@@ -48,14 +48,17 @@ class Settings:
     def budget(self) -> Budget:
         return Budget(self.prefix_tokens, self.suffix_tokens, self.extra_tokens, self.chunk_lines)
 
-    def merged(self, options: Any) -> "Settings":
-        """A copy with the known keys of ``options`` applied (unknown keys ignored)."""
+    def merged(self, options: Any) -> tuple["Settings", list[str]]:
+        """A copy with the known keys of ``options`` applied, and what was wrong with them: a bad
+        value keeps the current one rather than breaking the server, and is reported. Unknown keys
+        are ignored (a client may keep its own settings in the same section)."""
         if not isinstance(options, dict):
-            return self
+            return self, []
         if isinstance(options.get("dgemma"), dict):
             options = options["dgemma"]
         known = {f.name: f for f in dataclasses.fields(self)}
         changes: dict[str, Any] = {}
+        problems: list[str] = []
         for key, value in options.items():
             name = re.sub(r"(?<!^)(?=[A-Z])", "_", str(key)).lower()
             if name not in known:
@@ -70,12 +73,13 @@ class Settings:
                     changes[name] = float(value)
                 elif name == "sampler":
                     if not isinstance(value, dict):
-                        continue
+                        raise TypeError(name)
                     changes[name] = dict(value)
                 elif name == "seed":
                     changes[name] = None if value is None else int(value)
                 else:
                     changes[name] = value
             except (TypeError, ValueError):
-                continue  # a bad value keeps the default rather than breaking the server
-        return dataclasses.replace(self, **changes)
+                problems.append(f"setting `{key}`: {value!r:.40} is not a valid {known[name].type}; "
+                                f"keeping {current!r:.40}")
+        return dataclasses.replace(self, **changes), problems

@@ -151,3 +151,26 @@ async def test_language_server_completes_and_rewrites_at_the_end_of_a_long_file(
             (te,) = edit.edit.document_changes[0].edits
             assert te.range.start == t.Position(last, 4) and te.range.end == t.Position(last + 1, 0)
             assert te.new_text.endswith("\n") and te.new_text.strip()
+
+
+def test_a_huge_prefix_is_windowed_and_blocks_no_one(daemon):  # noqa: F811
+    """Issue 22 (2): a prefix of several MiB used to be tokenized whole on the model worker
+    (seconds) before it was refused, and the daemon kept the memory. Now it is cut by characters
+    first: it is served, another client's fill after it is served too, and memory stays bounded."""
+    from test_daemon_util import Raw
+    from test_reliability import _rss
+
+    big = "value = compute(item)  # padding\n" * 200_000  # 6.6 MB, under the 8 MiB frame limit
+    with Raw(daemon.socket) as a, Raw(daemon.socket) as b:
+        pid = a.call("status")[-1]["result"]["pid"]
+        before = _rss(pid)
+        rid = a.request("fill", {"prefix": big, "suffix": "", "max_tokens": 4, "stream": False,
+                                 "settings": {"max_denoising_steps": 2}})
+        small = b.call("fill", {"prefix": "def f(x):\n    return ", "suffix": "\n", "max_tokens": 4, "stream": False})
+        assert small[-1]["type"] == "result"
+        reply = a.until_done(rid)[-1]
+        assert reply["type"] == "result", reply
+        assert reply["result"]["prefix_dropped"] > len(big) - 20_000
+    # The daemon holds no copy of the big request once it has answered (a few of its 6.6 MB
+    # transient copies may stay in the allocator's free lists).
+    assert _rss(pid) - before < 100 << 20

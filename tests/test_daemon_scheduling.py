@@ -235,7 +235,7 @@ async def test_disconnect_cancels_the_clients_work(served):
 
 async def test_too_many_pending_and_duplicate_ids(served):
     server, engine, sock = served
-    server.config = Config(limits=type(server.config.limits)(max_pending_per_client=2))
+    server.host.config = Config(limits=type(server.host.config.limits)(max_pending_per_client=2))
     c = await _client(sock)
     try:
         t1 = asyncio.create_task(c.request("fill", {"prefix": "gate"}, id="same"))
@@ -284,25 +284,25 @@ async def test_config_reload_live_and_invalid_file_keeps_previous(served):
     c = await _client(sock)
     try:
         path.write_text("[limits]\nmax_tokens = 4\n")
-        await _wait(lambda: server.config.limits.max_tokens == 4, timeout=15)
+        await _wait(lambda: server.host.config.limits.max_tokens == 4, timeout=15)
         with pytest.raises(DgemmaError) as exc:
             await c.request("fill", {"prefix": "x", "max_tokens": 8})
         assert exc.value.code == "invalid_params"
         path.write_text("[limits\nmax_tokens = 'many'\n")
         await _wait(lambda: server.watcher.error is not None, timeout=15)
-        assert server.config.limits.max_tokens == 4
+        assert server.host.config.limits.max_tokens == 4
         assert (await c.request("status"))["config_error"]
         # A sampler typo is an invalid file too, not a setting that fails every request later.
         path.write_text("[limits]\nmax_tokens = 4\n[sampler]\nmax_denoising_step = 2\n")
         await _wait(lambda: "max_denoising_step" in (server.watcher.error or ""), timeout=15)
         assert "max_denoising_step" in (await c.request("status"))["config_error"]
-        assert server.config.sampler == {} and server.config.limits.max_tokens == 4
+        assert server.host.config.sampler == {} and server.host.config.limits.max_tokens == 4
         with pytest.raises(DgemmaError) as exc:
             await c.request("reload")
         assert exc.value.code == "invalid_params" and "previous" in exc.value.message
         path.write_text("[sampler]\nmax_denoising_steps = 1\n")
         res = await c.request("reload")
-        assert res["reloaded"] and server.config.sampler == {"max_denoising_steps": 1}
+        assert res["reloaded"] and server.host.config.sampler == {"max_denoising_steps": 1}
         assert (await c.request("fill", {"prefix": "x", "max_tokens": 8}))["steps"] == 1
         # A model change in the config reloads the model on the worker before the reply.
         path.write_text('model = "/elsewhere"\n')
@@ -330,7 +330,7 @@ async def test_model_that_does_not_load_leaves_the_previous_one_serving():
     def factory(config, spec, device):
         if spec and "broken" in spec:
             raise DgemmaError("model_missing", f"Model '{spec}' is not on this machine")
-        if spec and "huge" in spec and server.engine is not None:
+        if spec and "huge" in spec and server.host.engine is not None:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return FakeEngine(spec or "fake")
 
@@ -395,7 +395,7 @@ async def test_requests_are_served_while_a_new_model_loads():
     try:
         cfg_file.write_text('model = "/slow"\n')
         first = asyncio.create_task(c.request("reload"))
-        await _wait(lambda: server.loading == "/slow")
+        await _wait(lambda: server.host.loading == "/slow")
         assert (await c.request("fill", {"prefix": "x"}))["model"] == "fake"
         st = await c.request("status")
         assert st["state"] == "ready" and st["model"] == "fake" and st["loading"] == "/slow"

@@ -14,7 +14,7 @@ from dgemma.engine.denoise import denoise, encode
 from dgemma.engine.engine import Engine
 from dgemma.errors import DgemmaError
 from dgemma.engine.loading import load_model
-from dgemma.engine.sampler import SamplerSettings
+from dgemma.engine.settings import SamplerSettings
 from transformers import DynamicCache
 
 FAST = {"max_denoising_steps": 3}
@@ -115,7 +115,7 @@ def test_fill_with_line_drafts(engine: Engine) -> None:
 def test_fill_returns_ranked_alternatives(engine: Engine) -> None:
     res = engine.fill("def add(a, b):\n    return", "\n", n=3, max_tokens=20, seed=4, settings=FAST)
     assert 1 <= len(res.completions) <= 3
-    # Best first: the rows the others agree with (consensus.py); an empty middle last. This
+    # Best first: the rows the others agree with (ranking.py); an empty middle last. This
     # checkpoint ranks by agreement, so no fit is measured.
     assert all(c.fit is None for c in res.completions)
     keys = [(bool(c.text), c.agreement) for c in res.completions]
@@ -253,7 +253,7 @@ def test_rows_beyond_the_batch_budget_decode_in_turn(tiny_model_dir) -> None:
 
 
 def test_entropy_matches_torch_distributions() -> None:
-    from dgemma.engine.denoise import _entropy
+    from dgemma.engine.sampler import entropy as _entropy
 
     logits = torch.randn(3, 7, 50) * 4
     logits[0, 0, 1:] = float("-inf")  # a one-hot row, as pinned positions are
@@ -262,7 +262,7 @@ def test_entropy_matches_torch_distributions() -> None:
 
 
 def test_fast_sampler_draws_from_the_same_distribution() -> None:
-    from dgemma.engine.denoise import _entropy, _sample
+    from dgemma.engine.sampler import _sample, entropy as _entropy
 
     # The second row is a peaked low-temperature distribution whose tail underflows exp().
     for row in ([2.0, 0.0, -1.0, 1.0], [0.0, -95.0, -2.0, -200.0]):

@@ -38,7 +38,7 @@ import torch
 from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
 from dgemma.engine.denoise import denoise, encode, expand_cache
-from dgemma.engine.sampler import SamplerSettings
+from dgemma.engine.settings import SamplerSettings
 from dgemma.kernels.hostsync import SyncCounter, sync_reason
 from dgemma.quant.meta import load_config, meta_model, with_meta_quantized_experts
 from tiny import tiny_config

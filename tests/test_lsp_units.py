@@ -128,9 +128,12 @@ async def test_debouncer_latest_wins() -> None:
 
 
 def test_settings_merge() -> None:
-    s = Settings().merged({"dgemma": {"debounceMs": "50", "seed": 3, "bogus": 1, "maxLineSuffix": "x"}})
+    s, problems = Settings().merged({"dgemma": {"debounceMs": "50", "seed": 3, "bogus": 1, "maxLineSuffix": "x",
+                                                "sampler": 7}})
+    # The bad values are reported (once, by the server), the unknown key is not.
+    assert len(problems) == 2 and "maxLineSuffix" in problems[0] and "sampler" in problems[1]
     assert s.debounce_ms == 50 and s.seed == 3 and s.max_line_suffix == Settings().max_line_suffix
-    assert Settings().merged(None) == Settings()
+    assert Settings().merged(None) == (Settings(), [])
     assert s.budget.prefix_tokens == Settings().prefix_tokens
 
 

@@ -13,9 +13,9 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 from typer.testing import CliRunner
 
-from dgemma.engine import denoise
+from dgemma.engine import denoise, sampler
 from dgemma.engine.prefix_cache import PrefixCache, cache_bytes
-from dgemma.engine.sampler import SamplerSettings
+from dgemma.engine.settings import SamplerSettings
 from dgemma.cli.quant import register
 from dgemma.quant.meta import load_config
 from dgemma.engine.plan import GIB, kv_cache_bytes, parse_bytes, pass_terms, plan
@@ -139,11 +139,11 @@ def _peak_allocated(fn) -> int:
 
 
 @pytest.mark.parametrize("chunk_bytes,transient", [
-    (denoise.SAMPLE_CHUNK_BYTES, "transient: sampler, 4 fp32 chunks"),  # the canvas fits one sampler chunk
+    (sampler.SAMPLE_CHUNK_BYTES, "transient: sampler, 4 fp32 chunks"),  # the canvas fits one sampler chunk
     (256 << 10, "transient: softcap, 2 fp32 logits"),  # small chunks: the 26B's regime at 262k vocabulary
 ])
 def test_decode_step_allocations_match_the_plan(monkeypatch, chunk_bytes, transient):
-    monkeypatch.setattr(denoise, "SAMPLE_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(sampler, "SAMPLE_CHUNK_BYTES", chunk_bytes)
     vocab, canvas, prompt = 16384, 64, 40
     torch.manual_seed(0)
     cfg = tiny_config(vocab_size=vocab, canvas_length=canvas)

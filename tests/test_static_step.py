@@ -12,7 +12,7 @@ import torch
 from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
 from dgemma.engine.denoise import denoise, encode, expand_cache
-from dgemma.engine.sampler import SamplerSettings
+from dgemma.engine.settings import SamplerSettings
 from dgemma.engine.static_step import StaticStep, bucket, graphs_enabled
 from tiny import tiny_config
 

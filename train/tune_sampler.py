@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from dgemma.engine.engine import Engine
     from dgemma.engine.loading import load_model
-    from dgemma.engine.sampler import SamplerSettings
+    from dgemma.engine.settings import SamplerSettings
 
     loaded = load_model(args.model, device="cpu")
     _, cases = make_cases(args.package, args.single, args.multi)  # refuses a corpus package
