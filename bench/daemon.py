@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_name  # bench/ is this script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,16 +43,6 @@ SUFFIX = '''
 def save_settings(path: Path, settings: dict) -> None:
     path.write_text(json.dumps(settings, indent=2))
 '''
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def pct(values: list[float], q: float) -> float:

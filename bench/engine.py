@@ -10,7 +10,6 @@ Prints a markdown table; figures go into BENCHMARKS.md with the machine they cam
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -22,16 +21,7 @@ from dgemma.engine.denoise import denoise, encode, expand_cache
 from dgemma.engine.engine import Engine
 from dgemma.engine.loading import load_model
 from dgemma.engine.settings import SamplerSettings
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from machine import cpu_name  # bench/ is this script's folder
 
 
 def median_time(fn, repeats: int) -> float:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -42,20 +41,11 @@ from dgemma.engine.denoise import encode
 from dgemma.kernels.hostsync import SyncCounter
 from dgemma.quant.checkpoint import materialize_meta
 from dgemma.quant.meta import load_config, meta_model, with_meta_quantized_experts
+from machine import cpu_name  # bench/ is this script's folder
 
 PREFIX = 2048
 HOLLOW_WIDTH = 16
 HOLLOW_CANVAS = 8
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def hollow_config(config: DiffusionGemmaConfig) -> DiffusionGemmaConfig:

@@ -25,7 +25,6 @@ import ast
 import datetime as dt
 import importlib.metadata
 import importlib.util
-import platform
 import random
 import sys
 import time
@@ -37,6 +36,7 @@ sys.path.append(str(ROOT))  # train/ is a folder beside the package; behind site
 
 from dgemma.engine.ranking import edit_similarity  # noqa: E402  (the engine's own measure)
 from train.corpus import PACKAGES as CORPUS_PACKAGES  # noqa: E402
+from bench.machine import cpu_name  # noqa: E402  (tests import this module as bench.infill_eval)
 
 
 @dataclass
@@ -143,16 +143,6 @@ def score(cases: list[Case], preds: list[str]) -> dict[str, dict[str, float]]:
         ok = sum(parses(cases[i].prefix + preds[i] + cases[i].suffix) for i in idx) / len(idx)
         out[kind] = {"n": len(idx), "em": em, "es": es, "ast": ok}
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> None:

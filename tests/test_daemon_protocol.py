@@ -11,7 +11,6 @@ import stat
 import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import msgpack
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from dgemma.daemon import protocol as proto
-from test_daemon_util import BUSY, Raw, daemon  # noqa: F401  (fixture)
+from test_daemon_util import in_threads, BUSY, Raw, daemon  # noqa: F401  (fixture)
 
 
 def fill_params(**kw):
@@ -196,11 +195,7 @@ def test_32_concurrent_clients_all_answered(daemon):
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(150)
+    in_threads(client, 32, 150)
     assert not errors, errors
     assert len(results) == 32
     assert all(m["type"] == "result" for m in results.values()), [m for m in results.values() if m["type"] != "result"]

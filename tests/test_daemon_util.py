@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,15 @@ def daemon() -> Any:
         del _SESSION["d"]
         d.stop()
         shutil.rmtree(d.root, ignore_errors=True)
+
+
+def in_threads(target: Any, count: int, timeout: float) -> None:
+    """Run target(i) for i in range(count), each on its own thread, and wait for all of them."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
 
 
 class Raw:

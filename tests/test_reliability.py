@@ -29,7 +29,7 @@ import pytest
 from dgemma.daemon import protocol as proto
 from dgemma.errors import DgemmaError
 from dgemma.cli.fileedit import UndoStore, apply_edit, read_source
-from test_daemon_util import FAST_CONFIG, Raw, daemon, dgemma  # noqa: F401  (fixture)
+from test_daemon_util import in_threads, FAST_CONFIG, Raw, daemon, dgemma  # noqa: F401  (fixture)
 from test_hardening_files import V0, V1, V2, _killed_edit
 
 FILL = {"prefix": "def f(x):\n    return ", "suffix": "\n", "max_tokens": 4}
@@ -243,11 +243,7 @@ def test_32_clients_cancel_and_disconnect_mid_stream(daemon):
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    in_threads(client, 32, 300)
     assert not errors, errors
     assert sum(outcomes.values()) == 64, outcomes
     # Everyone gone: the daemon forgets them, the worker goes idle, and it serves the next client.
