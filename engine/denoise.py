@@ -93,10 +93,120 @@ def expand_cache(cache: DynamicCache, batch: int) -> DynamicCache:
     return wide
 
 
+@dataclass
+class _Layout:
+    """What stays fixed over the steps of one canvas: where the pins are, which positions are free."""
+
+    canvas: torch.Tensor  # (B, C) the canvas as given; pinned positions keep its tokens
+    pinned: torch.Tensor  # (B, C) bool
+    positions: torch.Tensor  # (1, C) the canvas's positions after the cached prefix
+    pin_rows: torch.Tensor
+    pin_cols: torch.Tensor
+    pin_values: torch.Tensor
+    any_pinned: bool
+    free_index: torch.Tensor  # flat indices of the free positions, in order
+    free_rows: torch.Tensor
+    free_cols: torch.Tensor
+    free: torch.Tensor  # (B, C) bool, ~pinned
+    free_count: torch.Tensor  # (B,) free positions per row, at least 1
+    vocab: int
+    embed_dtype: torch.dtype
+
+    @classmethod
+    def of(cls, model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tensor) -> "_Layout":
+        batch, canvas_length = canvas.shape
+        start = cache.get_seq_length()
+        positions = torch.arange(start, start + canvas_length, dtype=torch.int32, device=canvas.device).unsqueeze(0)
+        # The canvas's one host sync before its steps: where the pins are. The free positions are
+        # the others, in order (a stable sort puts them first), so their count needs no second sync.
+        pin_rows, pin_cols = pinned.nonzero(as_tuple=True)
+        free_total = batch * canvas_length - pin_rows.numel()
+        free_index = torch.argsort(pinned.reshape(-1).to(torch.uint8), stable=True)[:free_total]
+        return cls(canvas=canvas, pinned=pinned, positions=positions, pin_rows=pin_rows, pin_cols=pin_cols,
+                   pin_values=canvas[pin_rows, pin_cols], any_pinned=pin_rows.numel() > 0, free_index=free_index,
+                   free_rows=free_index // canvas_length, free_cols=free_index % canvas_length, free=~pinned,
+                   free_count=(~pinned).sum(-1).clamp(min=1), vocab=model.config.text_config.vocab_size,
+                   embed_dtype=model.model.decoder.embed_tokens.weight.dtype)
+
+
+@dataclass
+class _Carry:
+    """What one step hands the next."""
+
+    current: torch.Tensor  # (B, C) the canvas the next forward reads
+    argmax: torch.Tensor  # (B, C)
+    sc_logits: torch.Tensor | None  # the last logits in the embedding dtype, for self-conditioning
+    entropy: torch.Tensor  # (B, C), 0 at pinned positions
+    finished: torch.Tensor  # (B,) rows that have stopped
+    any_finished: bool  # known on the host from the last stop check
+    row_temperature: torch.Tensor  # (B, 1, 1) what each row's last logits were divided by
+    # The last `stability_threshold` argmax canvases; a row is stable when all equal the new one.
+    history: list[torch.Tensor]
+
+
+def denoise_step(model, cache: DynamicCache, layout: _Layout, carry: _Carry, temperature: float,
+                 settings: SamplerSettings, generator: torch.Generator | None, exact: bool) -> _Carry:
+    """One denoising step: a decoder forward, the draws at the free positions, acceptance of the
+    lowest-entropy ones within the bound, fresh noise elsewhere, and which rows are now finished.
+    No host sync: the loop makes the one stop check per step. The step's fp32 logits die with it
+    (only their embedding-dtype copy is carried), so the next forward runs without them."""
+    batch, canvas_length = layout.canvas.shape
+    device = layout.canvas.device
+    logits = model(decoder_input_ids=carry.current, self_conditioning_logits=carry.sc_logits, cache=cache,
+                   decoder_position_ids=layout.positions).logits
+    logits.div_(temperature)  # a fresh fp32 tensor: no copy needed
+    if layout.any_pinned:
+        # Self-conditioning reads softmax(logits): -inf everywhere but the pinned token makes it
+        # one-hot. Written in place: a (pinned x vocab) copy is hundreds of MB at 262k vocab.
+        logits[layout.pin_rows, layout.pin_cols] = float("-inf")
+        logits[layout.pin_rows, layout.pin_cols, layout.pin_values] = 0.0
+    # Pinned positions keep their token and have entropy 0: only free ones are sampled.
+    free_sampled, free_argmax, free_entropy = sample_positions(logits, layout.free_index, generator, exact)
+    sampled, argmax = layout.canvas.clone(), layout.canvas.clone()
+    sampled[layout.free_rows, layout.free_cols] = free_sampled
+    argmax[layout.free_rows, layout.free_cols] = free_argmax
+    entropy = torch.zeros((batch, canvas_length), dtype=free_entropy.dtype, device=device)
+    entropy[layout.free_rows, layout.free_cols] = free_entropy
+
+    # Accept the k lowest-entropy positions whose summed entropy, less the largest, stays in bound.
+    sorted_entropy, order = torch.sort(entropy, dim=-1)
+    keep_sorted = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= settings.entropy_bound
+    accept = torch.scatter(torch.zeros_like(keep_sorted), -1, order, keep_sorted)
+    noise = torch.randint(0, layout.vocab, (batch, canvas_length), device=device, generator=generator)
+    current = torch.where(accept, sampled, noise)
+    if layout.any_pinned:
+        current = torch.where(layout.pinned, layout.canvas, current)
+
+    # Rows that already stopped keep their canvas, argmax, logits and so their entropy (copied
+    # row by row: recomputing it over the whole batch cost more than the sampling itself).
+    # Selected with torch.where, not boolean indexing, which would wait for the device.
+    finished = carry.finished
+    if carry.any_finished:
+        argmax = torch.where(finished[:, None], carry.argmax, argmax)
+        current = torch.where(finished[:, None], carry.current, current)
+        torch.where(finished[:, None, None], carry.sc_logits, logits, out=logits)
+        entropy = torch.where(finished[:, None], carry.entropy, entropy)
+    row_temperature = torch.where(finished[:, None, None], carry.row_temperature, temperature)
+    history = carry.history
+    if settings.stability_threshold == 0:
+        stable = torch.ones_like(finished)
+    elif len(history) < settings.stability_threshold:
+        stable = torch.zeros_like(finished)
+    else:
+        stable = torch.stack([(old == argmax).all(-1) for old in history]).all(0)
+    confident = (entropy * layout.free).sum(-1) / layout.free_count < settings.confidence_threshold
+    if settings.stability_threshold:
+        history = [*history, argmax][-settings.stability_threshold:]
+    return _Carry(current=current, argmax=argmax, sc_logits=logits.to(layout.embed_dtype), entropy=entropy,
+                  finished=finished | (stable & confident), any_finished=carry.any_finished,
+                  row_temperature=row_temperature, history=history)
+
+
 def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tensor, settings: SamplerSettings,
             generator: torch.Generator | None, interrupt: Interrupt | None = None,
             on_step: Callable[[StepState], None] | None = None, exact: bool = False) -> CanvasOutcome:
-    """Denoise ``canvas`` (B, C) against the cached prefix; ``pinned`` (B, C) positions stay as given.
+    """Denoise ``canvas`` (B, C) against the cached prefix; ``pinned`` (B, C) positions stay as given:
+    `denoise_step` until every row has finished or the steps run out.
 
     ``exact`` draws random numbers exactly as transformers does (torch.multinomial), so the same
     seed gives the same tokens as ``generate``; otherwise an equivalent inverse-CDF draw is used,
@@ -104,92 +214,29 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
     """
     batch, canvas_length = canvas.shape
     device = canvas.device
-    vocab = model.config.text_config.vocab_size
-    embed_dtype = model.model.decoder.embed_tokens.weight.dtype
-    start = cache.get_seq_length()
-    positions = torch.arange(start, start + canvas_length, dtype=torch.int32, device=device).unsqueeze(0)
     cache = expand_cache(cache, batch)
-    free = ~pinned
-    # The canvas's one host sync before its steps: where the pins are. The free positions are the
-    # others, in order (a stable sort puts them first), so their count needs no second sync.
-    pin_rows, pin_cols = pinned.nonzero(as_tuple=True)
-    any_pinned = pin_rows.numel() > 0
-    pin_values = canvas[pin_rows, pin_cols]
-    free_total = batch * canvas_length - pin_rows.numel()
-    free_index = torch.argsort(pinned.reshape(-1).to(torch.uint8), stable=True)[:free_total]
-    free_rows, free_cols = free_index // canvas_length, free_index % canvas_length
-    free_count = free.sum(-1).clamp(min=1)
-
-    current, argmax = canvas, canvas
-    sc_logits = None
-    # The last `stability_threshold` argmax canvases; a row is stable when all equal the new one.
-    history: list[torch.Tensor] = []
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    any_finished = False  # known on the host from the last step's stop check
-    last_entropy = torch.zeros(batch, canvas_length, device=device)  # read only once a row has finished
-    row_temperature = torch.ones(batch, 1, 1, device=device)  # what each row's last logits were divided by
+    layout = _Layout.of(model, cache, canvas, pinned)
+    carry = _Carry(current=canvas, argmax=canvas, sc_logits=None,
+                   entropy=torch.zeros(batch, canvas_length, device=device),  # read once a row has finished
+                   finished=torch.zeros(batch, dtype=torch.bool, device=device), any_finished=False,
+                   row_temperature=torch.ones(batch, 1, 1, device=device), history=[])
     steps = 0
     for steps_left in range(settings.max_denoising_steps, 0, -1):
         if interrupt is not None:
             interrupt.check()
         steps += 1
-        logits = model(decoder_input_ids=current, self_conditioning_logits=sc_logits, cache=cache,
-                       decoder_position_ids=positions).logits
-        temperature = settings.temperature(steps_left)
-        logits.div_(temperature)  # a fresh fp32 tensor: no copy needed
-        if any_pinned:
-            # Self-conditioning reads softmax(logits): -inf everywhere but the pinned token makes it
-            # one-hot. Written in place: a (pinned x vocab) copy is hundreds of MB at 262k vocab.
-            logits[pin_rows, pin_cols] = float("-inf")
-            logits[pin_rows, pin_cols, pin_values] = 0.0
-        # Pinned positions keep their token and have entropy 0: only free ones are sampled.
-        free_sampled, free_argmax, free_entropy = sample_positions(logits, free_index, generator, exact)
-        sampled, new_argmax = canvas.clone(), canvas.clone()
-        sampled[free_rows, free_cols] = free_sampled
-        new_argmax[free_rows, free_cols] = free_argmax
-        entropy = torch.zeros((batch, canvas_length), dtype=free_entropy.dtype, device=device)
-        entropy[free_rows, free_cols] = free_entropy
-
-        # Accept the k lowest-entropy positions whose summed entropy, less the largest, stays in bound.
-        sorted_entropy, order = torch.sort(entropy, dim=-1)
-        keep_sorted = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= settings.entropy_bound
-        accept = torch.scatter(torch.zeros_like(keep_sorted), -1, order, keep_sorted)
-        noise = torch.randint(0, vocab, (batch, canvas_length), device=device, generator=generator)
-        new_current = torch.where(accept, sampled, noise)
-        if any_pinned:
-            new_current = torch.where(pinned, canvas, new_current)
-
-        # Rows that already stopped keep their canvas, argmax, logits and so their entropy (copied
-        # row by row: recomputing it over the whole batch cost more than the sampling itself).
-        # Selected with torch.where, not boolean indexing, which would wait for the device.
-        if any_finished:
-            new_argmax = torch.where(finished[:, None], argmax, new_argmax)
-            new_current = torch.where(finished[:, None], current, new_current)
-            torch.where(finished[:, None, None], sc_logits, logits, out=logits)
-            entropy = torch.where(finished[:, None], last_entropy, entropy)
-        row_temperature = torch.where(finished[:, None, None], row_temperature, temperature)
-        if settings.stability_threshold == 0:
-            stable = torch.ones_like(finished)
-        elif len(history) < settings.stability_threshold:
-            stable = torch.zeros_like(finished)
-        else:
-            stable = torch.stack([(old == new_argmax).all(-1) for old in history]).all(0)
-        confident = (entropy * free).sum(-1) / free_count < settings.confidence_threshold
-        finished = finished | (stable & confident)
-        if settings.stability_threshold:
-            history = [*history, new_argmax][-settings.stability_threshold:]
-        current, argmax, last_entropy = new_current, new_argmax, entropy
-        sc_logits = logits.to(embed_dtype)
+        carry = denoise_step(model, cache, layout, carry, settings.temperature(steps_left), settings, generator,
+                             exact)
         if on_step is not None:
-            on_step(StepState(step=steps, argmax=argmax, entropy=entropy, finished=finished))
+            on_step(StepState(step=steps, argmax=carry.argmax, entropy=carry.entropy, finished=carry.finished))
         # The step's one host sync: which rows have stopped.
-        done = finished.tolist()
+        done = carry.finished.tolist()
         if all(done):
             break
-        any_finished = any(done)
+        carry.any_finished = any(done)
     # Each row's confidence in its own result, from the last step it was still denoising, at
     # temperature 1: at the late steps' low temperature every log-probability is ~0, and rows could
     # not be told apart.
-    raw = sc_logits.float() * row_temperature
-    logprobs = torch.log_softmax(raw, dim=-1).gather(-1, argmax.unsqueeze(-1)).squeeze(-1)
-    return CanvasOutcome(argmax=argmax, logprobs=logprobs, steps=steps)
+    raw = carry.sc_logits.float() * carry.row_temperature
+    logprobs = torch.log_softmax(raw, dim=-1).gather(-1, carry.argmax.unsqueeze(-1)).squeeze(-1)
+    return CanvasOutcome(argmax=carry.argmax, logprobs=logprobs, steps=steps)

@@ -223,11 +223,14 @@ def pass_terms(config: DiffusionGemmaConfig, context: int, batch: int = 1,
         "final log-probs, 2 fp32 logits": 2 * logits,
         "decoder layer": _layer_peak(config, batch, canvas, context),
     }
-    largest = max(transients, key=transients.__getitem__)
+    # A step's fp32 logits live from its forward's end to its own end (denoise_step), so they sit
+    # beside the sampler's temporaries but not beside the next forward's.
+    held = {name: logits if name.startswith("sampler") else 0 for name in transients}
+    largest = max(transients, key=lambda name: held[name] + transients[name])
     decode = {
         "kv cache": sum(kv_cache_bytes(config, context, last_pass=canvas).values()),
         # The canvas rows of one request read one cache through an expanded view (no copy).
-        "logits (fp32, one step's)": logits,
+        **({"logits (fp32, this step's)": logits} if held[largest] else {}),
         "self-conditioning logits (bf16)": rows * vocab * BF16,
         f"transient: {largest}": transients[largest],
     }
