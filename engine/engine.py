@@ -259,7 +259,7 @@ class Engine:
                               f"together more than the model's context of {self.context_limit}. Shorten the "
                               "instruction, or select fewer lines.")
         window = cut_prefix(code, budget, self._encode_offsets, self.max_token_chars)
-        text = code[window.start:]
+        text = code[window.dropped:]
         cut = len(text[: text.rfind("\n")].rstrip()) if "\n" in text else 0
         return head_ids + window.ids, len(head_ids) + sum(1 for _, end in window.offsets if end <= cut), window
 

@@ -32,6 +32,10 @@ class Indent:
         return self.unit == "\t"
 
 
+def _leading_blanks(line: str) -> str:
+    return line[: len(line) - len(line.lstrip(" \t"))]
+
+
 def detect_indent(text: str, default: Indent = Indent("    ")) -> Indent:
     """Guess the indentation unit from the leading whitespace of the lines."""
     tabs = spaces = 0
@@ -40,7 +44,7 @@ def detect_indent(text: str, default: Indent = Indent("    ")) -> Indent:
     for line in text.splitlines():
         if not line.strip():
             continue
-        lead = line[: len(line) - len(line.lstrip(" \t"))]
+        lead = _leading_blanks(line)
         if lead.startswith("\t"):
             tabs += 1
             prev = 0
@@ -87,7 +91,7 @@ def trim_trailing_whitespace(text: str, rest_of_line: str) -> str:
 
 
 def _width(line: str) -> int:
-    lead = line[: len(line) - len(line.lstrip(" \t"))]
+    lead = _leading_blanks(line)
     return sum(4 if c == "\t" else 1 for c in lead)
 
 
@@ -280,7 +284,7 @@ def fix_indentation(text: str, indent: Indent, reindent_first: bool = False) -> 
     lines = text.split("\n")
     for i in range(0 if reindent_first else 1, len(lines)):
         ln = lines[i]
-        lead = ln[: len(ln) - len(ln.lstrip(" \t"))]
+        lead = _leading_blanks(ln)
         if not lead:
             continue
         if indent.uses_tabs and " " in lead:
@@ -293,12 +297,6 @@ def fix_indentation(text: str, indent: Indent, reindent_first: bool = False) -> 
             continue
         lines[i] = new + ln[len(lead) :]
     return "\n".join(lines)
-
-
-def match_line_endings(text: str, document: str) -> str:
-    if "\r\n" in document:
-        return text.replace("\r\n", "\n").replace("\n", "\r\n")
-    return text.replace("\r\n", "\n")
 
 
 def postprocess(
@@ -328,10 +326,6 @@ def postprocess(
     text = trim_trailing_whitespace(text, rest)
     text = drop_whitespace_only(text)
     return text.replace("\n", "\r\n") if crlf else text
-
-
-def _leading_blanks(line: str) -> str:
-    return line[: len(line) - len(line.lstrip(" \t"))]
 
 
 def clean_replacement(raw: str, selection: str, prefix: str, suffix: str) -> str:

@@ -31,9 +31,8 @@ Encoder = Callable[[str], tuple[list[int], list[tuple[int, int]]]]
 @dataclass(frozen=True)
 class Cut:
     ids: list[int]
-    offsets: list[tuple[int, int]]  # into text[start:] (prefix) or text (suffix)
-    start: int  # characters dropped before the window
-    dropped: int  # characters the model does not see
+    offsets: list[tuple[int, int]]  # into the kept text: text[dropped:] (prefix), text (suffix)
+    dropped: int  # characters the model does not see: before the window (prefix), after it (suffix)
 
 
 def _grid_line_starts(text: str, lo: int) -> Iterator[int]:
@@ -62,7 +61,7 @@ def cut_prefix(text: str, budget: int, encode: Encoder, max_token_chars: int) ->
         if lo == 0 or len(ids) > budget:
             break
     if lo == 0 and len(ids) <= budget:
-        return Cut(ids, offsets, 0, 0)
+        return Cut(ids, offsets, 0)
     starts = [lo + s for s, _ in offsets]
     for a in _grid_line_starts(text, lo):
         if len(starts) - bisect_left(starts, a) > budget:
@@ -70,16 +69,16 @@ def cut_prefix(text: str, budget: int, encode: Encoder, max_token_chars: int) ->
         # The count above is of tokens of the longer text; the window is its own text's encoding.
         win_ids, win_offsets = encode(text[a:])
         if len(win_ids) <= budget:
-            return Cut(win_ids, win_offsets, a, a)
+            return Cut(win_ids, win_offsets, a)
     keep = max(0, len(ids) - budget)
     first = offsets[keep][0] if keep < len(ids) else len(text) - lo
-    return Cut(ids[keep:], [(s - first, e - first) for s, e in offsets[keep:]], lo + first, lo + first)
+    return Cut(ids[keep:], [(s - first, e - first) for s, e in offsets[keep:]], lo + first)
 
 
 def cut_suffix(text: str, budget: int, encode: Encoder, max_token_chars: int) -> Cut:
     """The first ``budget`` tokens of ``text``: all a canvas can pin."""
     ids, offsets = encode(text[:budget * max_token_chars])
     if len(ids) <= budget and len(text) <= budget * max_token_chars:
-        return Cut(ids, offsets, 0, 0)
+        return Cut(ids, offsets, 0)
     ids, offsets = ids[:budget], offsets[:budget]
-    return Cut(ids, offsets, 0, len(text) - (offsets[-1][1] if offsets else 0))
+    return Cut(ids, offsets, len(text) - (offsets[-1][1] if offsets else 0))

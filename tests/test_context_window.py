@@ -40,18 +40,18 @@ def long_source(lines: int = 5000, seed: int = 0) -> str:
 def test_prefix_window_starts_on_a_grid_line_and_fits():
     text = "".join(f"line {i}\n" for i in range(1000))
     cut = cut_prefix(text, 500, chars, 1)
-    assert len(cut.ids) <= 500 and cut.start == cut.dropped > 0
-    assert text[cut.start - 1] == "\n" and text.count("\n", 0, cut.start) % ALIGN_LINES == 0
-    assert "".join(map(chr, cut.ids)) == text[cut.start:]
+    assert len(cut.ids) <= 500 and cut.dropped > 0
+    assert text[cut.dropped - 1] == "\n" and text.count("\n", 0, cut.dropped) % ALIGN_LINES == 0
+    assert "".join(map(chr, cut.ids)) == text[cut.dropped:]
     # A grid line sooner would not fit: the window is as long as the grid allows.
-    earlier = [p for p in range(cut.start) if p == 0 or text[p - 1] == "\n"]
+    earlier = [p for p in range(cut.dropped) if p == 0 or text[p - 1] == "\n"]
     grid = [p for p in earlier if text.count("\n", 0, p) % ALIGN_LINES == 0]
     assert all(len(text) - p > 500 for p in grid)
 
 
 def test_prefix_window_start_holds_while_the_cursor_moves_down():
     text = "".join(f"line {i}\n" for i in range(1000))
-    starts = [cut_prefix(text + "".join(f"new {j}\n" for j in range(k)), 500, chars, 1).start for k in range(40)]
+    starts = [cut_prefix(text + "".join(f"new {j}\n" for j in range(k)), 500, chars, 1).dropped for k in range(40)]
     assert starts == sorted(starts)
     assert len(set(starts)) <= 40 // ALIGN_LINES + 2  # it moves by whole grid steps, seldom
 
@@ -59,8 +59,8 @@ def test_prefix_window_start_holds_while_the_cursor_moves_down():
 def test_prefix_window_inside_one_huge_line_and_small_texts():
     huge = "x" * 10_000
     cut = cut_prefix("a\n" + huge, 300, chars, 1)
-    assert len(cut.ids) == 300 and cut.start == len(huge) + 2 - 300
-    assert cut_prefix("short\n", 300, chars, 1).start == 0
+    assert len(cut.ids) == 300 and cut.dropped == len(huge) + 2 - 300
+    assert cut_prefix("short\n", 300, chars, 1).dropped == 0
     assert cut_prefix("", 300, chars, 1).ids == []
     # Cut by characters before tokenizing: a token is at most 4 characters here.
     seen = []
