@@ -87,20 +87,17 @@ def _run_in_process(method: str, params: dict[str, Any], *, model: str | None, d
     from dgemma.daemon.config import load_config
 
     config = load_config()  # before the imports below pull in torch: a bad file fails at once
+    from dgemma.daemon.host import default_engine_factory
+    from dgemma.daemon.server import engine_kwargs, result_payload
     from dgemma.engine.answers import answer
     from dgemma.engine.devices import model_spec
-    from dgemma.daemon.server import engine_kwargs, result_payload
 
     kwargs = engine_kwargs(method, params, config.limits)
     settings = {**config.sampler, **params.get("settings", {})}
-    spec = model_spec(model, config.model)
-    from dgemma.engine.engine import Engine
-    from dgemma.engine.loading import load_model
-
-    loaded = load_model(spec, device=device or config.device, dtype=config.dtype, quantize=config.quantization)
-    engine = Engine(loaded)
+    # The engine the daemon would build from the same config, in this process.
+    engine = default_engine_factory(config, model_spec(model, config.model), device or config.device)
     res = answer(engine, method, kwargs, settings=settings or None)
-    return result_payload(res, loaded.name)
+    return result_payload(res, engine.loaded.name)
 
 
 def _settings(steps: int | None) -> dict[str, Any]:
