@@ -69,7 +69,7 @@ def main() -> None:
 
     import torch
 
-    from dgemma.daemon.client import Client, ensure_daemon
+    from dgemma.daemon.client import Client, ModelLoadFailed, ensure_daemon
     from dgemma.daemon.config import socket_path
     from dgemma.engine.engine import Engine
     from dgemma.engine.loading import load_model
@@ -83,11 +83,10 @@ def main() -> None:
     try:
         ensure_daemon(sock)
         client = Client.connect(sock)
-        while client.request("status")["state"] == "loading":
-            time.sleep(0.1)
-        st = client.request("status")
-        if st["state"] != "ready":
-            sys.exit(f"daemon could not load the model: {st.get('load_error')}")
+        try:
+            client.wait_loaded()
+        except ModelLoadFailed as exc:
+            sys.exit(f"daemon could not load the model: {exc.message}")
 
         # ping
         for _ in range(100):

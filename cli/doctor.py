@@ -37,8 +37,8 @@ def _nvidia_driver() -> str | None:
 def _check_torch() -> tuple[list[Check], Any]:
     try:
         import torch
-    except Exception as exc:
-        return [("fail", f"torch does not import ({exc}); reinstall it: pip install torch")], None
+    except Exception as exc:  # deliberate: a broken install fails in many ways (a missing .so: OSError), all reported
+        return [("fail", f"torch does not import ({type(exc).__name__}: {exc}); reinstall it: pip install torch")], None
     out: list[Check] = [("ok", f"torch {torch.__version__}")]
     driver = _nvidia_driver()
     if not torch.cuda.is_available():
@@ -82,7 +82,7 @@ def _check_plan(model_path: Path | None, free: int | None, quantization: str | N
         return []
     try:
         need, how = _plan_bytes(model_path, quantization)
-    except Exception as exc:
+    except Exception as exc:  # deliberate: a check that cannot run is a warning, never a doctor that crashes
         return [("warn", f"could not compute the memory plan for {model_path}: {type(exc).__name__}: {exc}")]
     if free is None:
         return [("ok", f"the model's plan ({how}) needs {fmt_bytes(need)} (no GPU to compare with)")]
@@ -138,6 +138,17 @@ def _check_runtime_dir(folder: Path) -> list[Check]:
     return [("ok", f"runtime dir {folder} is private (700)")]
 
 
+def remote_summary(remote: dict[str, Any]) -> str:
+    """One line on the team server the daemon forwards to (remote mode): its model and replicas, or
+    why it cannot be used."""
+    if remote.get("error"):
+        return remote["error"]
+    states = remote.get("replicas") or {}
+    replicas = ", ".join(f"{n} {state.lower()}" for state, n in sorted(states.items())) or "unknown"
+    return (f"{remote['url']}: model {remote.get('model') or '-'} on {remote.get('device') or '-'}, "
+            f"replicas {replicas}")
+
+
 def _check_daemon() -> list[Check]:
     from dgemma.daemon.client import Client, DaemonUnavailable
     from dgemma.daemon.config import socket_path
@@ -156,6 +167,9 @@ def _check_daemon() -> list[Check]:
                                 f"{st_['load_error']}"))
         if st_.get("config_error"):
             out.append(("warn", f"daemon config: {st_['config_error']} (the daemon keeps its previous config)"))
+        remote = st_.get("remote")
+        if remote:
+            out.append(("fail" if remote.get("error") else "ok", f"remote: {remote_summary(remote)}"))
     except DaemonUnavailable:
         out.append(("ok", f"no daemon running at {path} (one starts on demand, or: dgemma serve --detach)"))
     if path.exists() and hasattr(os, "getuid"):

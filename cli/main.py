@@ -18,9 +18,10 @@ from typing import Any, Iterator, Optional
 
 import typer
 
+from dgemma.cli import cluster
 from dgemma.cli import doctor as doctor_checks
 from dgemma.cli import quant
-from dgemma.cli.doctor import fmt_bytes
+from dgemma.cli.doctor import fmt_bytes, remote_summary
 from dgemma.cli.process import wait_gone
 from dgemma.errors import DgemmaError
 
@@ -57,7 +58,7 @@ def _run_request(method: str, params: dict[str, Any], *, no_daemon: bool, model:
                  device: str | None = None) -> dict[str, Any]:
     if no_daemon:
         return _run_in_process(method, params, model=model, device=device)
-    from dgemma.daemon.client import Client, DaemonUnavailable, absolute_model_spec
+    from dgemma.daemon.client import Client, ModelLoadFailed, absolute_model_spec
 
     progress = sys.stderr.isatty()
     params = dict(params, stream=progress)
@@ -71,9 +72,7 @@ def _run_request(method: str, params: dict[str, Any], *, no_daemon: bool, model:
         try:
             try:
                 client.wait_loaded(on_loading=_loading_notice if progress else None)
-            except DaemonUnavailable:
-                raise
-            except DgemmaError as exc:
+            except ModelLoadFailed as exc:
                 # The daemon stays up (its config watcher may heal it): say how to get past it.
                 raise DgemmaError(exc.code, f"the daemon has no model: {exc.message} (fix the config, "
                                             "or `dgemma stop`)") from None
@@ -87,17 +86,14 @@ def _run_in_process(method: str, params: dict[str, Any], *, model: str | None, d
     from dgemma.daemon.config import load_config
 
     config = load_config()  # before the imports below pull in torch: a bad file fails at once
+    from dgemma.daemon.codec import engine_kwargs, run_request
     from dgemma.daemon.host import default_engine_factory
-    from dgemma.daemon.server import engine_kwargs, result_payload
-    from dgemma.engine.answers import answer
     from dgemma.engine.devices import model_spec
 
     kwargs = engine_kwargs(method, params, config.limits)
-    settings = {**config.sampler, **params.get("settings", {})}
     # The engine the daemon would build from the same config, in this process.
     engine = default_engine_factory(config, model_spec(model, config.model), device or config.device)
-    res = answer(engine, method, kwargs, settings=settings or None)
-    return result_payload(res, engine.loaded.name)
+    return run_request(engine, method, kwargs, {**config.sampler, **params.get("settings", {})})
 
 
 def _settings(steps: int | None) -> dict[str, Any]:
@@ -311,13 +307,15 @@ def status(json_out: bool = typer.Option(False, "--json", help="Machine-readable
     vram = st.get("vram") or {}
     rows = [
         ("socket", st["socket"]), ("pid", st["pid"]), ("state", st["state"]),
-        ("model", f"{st.get('model') or '-'} ({st.get('model_spec') or 'bundled'})"),
+        ("model", st["model"] if st.get("remote") else f"{st.get('model') or '-'} ({st.get('model_spec') or 'bundled'})"),
         ("device", st.get("device") or "-"),
         ("vram", f"{fmt_bytes(vram.get('allocated'))} in use, {fmt_bytes(vram.get('peak'))} peak" if vram else "-"),
         ("queue", f"{st['queue_depth']} waiting, {'1 running' if st['running_request'] else 'none running'}"),
         ("clients", st["clients"]), ("served", st["requests_served"]),
         ("uptime", f"{st['uptime_s']:.0f} s"), ("config", st["config_path"]),
     ]
+    if st.get("remote"):
+        rows.append(("remote", remote_summary(st["remote"])))
     if st.get("loading"):
         rows.append(("loading", f"{st['loading']} (the model above answers until it is ready)"))
     if st.get("load_error"):
@@ -366,6 +364,7 @@ def lsp() -> None:
 # ---- entry point --------------------------------------------------------------------------
 
 quant.register(app)  # `dgemma quantize` and `dgemma plan`, listed after the commands above
+cluster.register(app)  # `dgemma cluster up | status | down`
 
 
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
@@ -411,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(1)
-    except Exception as exc:
+    except Exception as exc:  # deliberate: one line, not a traceback, for a bug the user cannot fix
         if os.environ.get("DGEMMA_DEBUG"):
             raise
         _say(f"dgemma: internal error: {type(exc).__name__}: {exc} (DGEMMA_DEBUG=1 shows the traceback)")

@@ -22,7 +22,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 from dgemma.daemon import protocol as proto
 from dgemma.daemon.config import ensure_private_dir, lock_fd, read_tcp_info, socket_path, transport
@@ -32,6 +32,8 @@ DraftCallback = Callable[[dict[str, Any]], Any]
 # Starting a daemon returns as soon as its socket answers (it loads the model after
 # that: Client.wait_loaded), so this only needs to cover a Python start-up on a busy machine.
 START_TIMEOUT = 60.0
+# How often a client asks a daemon that is loading its model whether it is done (`status`).
+LOAD_POLL_S = 0.1
 
 
 class DaemonUnavailable(DgemmaError):
@@ -56,6 +58,26 @@ def _tcp_endpoint(path: Path) -> tuple[int, str]:
         raise DaemonUnavailable(f"no daemon running in {path.parent} (start one with `dgemma serve --detach`)") from None
     except ValueError as exc:
         raise DaemonUnavailable(str(exc)) from None
+
+
+class ModelLoadFailed(DgemmaError):
+    """The daemon answers but has no model: its load failed. It stays up in state `error`, and its
+    config watcher may load a fixed model later."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("model_missing", message)
+
+
+def model_loaded(status: dict[str, Any]) -> bool:
+    """Whether a daemon's `status` shows its model ready: False while it loads; ModelLoadFailed,
+    with the daemon's reason, when the load failed. The one rule every client waits by
+    (`Client.wait_loaded`, `AsyncClient.wait_loaded`, the language server)."""
+    state = status.get("state")
+    if state == "loading":
+        return False
+    if state == "error":
+        raise ModelLoadFailed(str(status.get("load_error") or "the daemon could not load its model"))
+    return True
 
 
 class RequestTooLarge(DgemmaError):
@@ -151,18 +173,15 @@ class Client:
         """Send one request; returns its result, raises DgemmaError for its error."""
         return self._call(method, params, on_draft)
 
-    def wait_loaded(self, on_loading: Callable[[], None] | None = None, poll: float = 0.1) -> dict[str, Any]:
-        """Block while the daemon loads its model, calling `on_loading` once if it is; returns
-        the daemon's status. Raises DgemmaError(model_missing) with the daemon's reason when it
-        has no model because the load failed."""
+    def wait_loaded(self, on_loading: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Block while the daemon loads its model (`model_loaded`), calling `on_loading` once if it
+        is; returns the daemon's status. Raises ModelLoadFailed when the load failed."""
         st = self.request("status")
-        if st.get("state") == "loading" and on_loading is not None:
+        if not model_loaded(st) and on_loading is not None:
             on_loading()
-        while st.get("state") == "loading":
-            time.sleep(poll)
+        while not model_loaded(st):
+            time.sleep(LOAD_POLL_S)
             st = self.request("status")
-        if st.get("state") == "error":
-            raise DgemmaError("model_missing", str(st.get("load_error") or "the daemon could not load its model"))
         return st
 
     def close(self) -> None:
@@ -261,7 +280,7 @@ class AsyncClient:
             if method in ("fill", "edit") and self._lost is None:
                 try:
                     self.writer.write(proto.encode(proto.request(f"cancel:{rid}", "cancel", {"id": rid})))
-                except Exception:
+                except (OSError, RuntimeError):  # the connection is going: nothing runs on it to cancel
                     pass
             raise
         except (ConnectionError, OSError) as exc:
@@ -269,6 +288,16 @@ class AsyncClient:
         finally:
             self._pending.pop(rid, None)
             self._drafts.pop(rid, None)
+
+    async def wait_loaded(self, on_loading: Callable[[], Awaitable[None]] | None = None) -> dict[str, Any]:
+        """`Client.wait_loaded` for asyncio: `on_loading` is awaited once if the model is loading."""
+        st = await self.request("status")
+        if not model_loaded(st) and on_loading is not None:
+            await on_loading()
+        while not model_loaded(st):
+            await asyncio.sleep(LOAD_POLL_S)
+            st = await self.request("status")
+        return st
 
     async def cancel(self, rid: Any) -> bool:
         """Ask the daemon to stop request `rid` (it then ends with error `cancelled`).
@@ -289,8 +318,8 @@ class AsyncClient:
                             res = cb(msg["draft"])
                             if asyncio.iscoroutine(res):
                                 asyncio.get_running_loop().create_task(res)
-                        except Exception:
-                            pass  # a broken draft callback must not kill the connection
+                        except Exception:  # deliberate: the caller's callback, whatever it raises,
+                            pass  # must not kill the connection that every other request shares
                     continue
                 fut = self._pending.get(rid)
                 if fut is None or fut.done():
@@ -329,7 +358,7 @@ class AsyncClient:
         try:
             self.writer.close()
             await self.writer.wait_closed()
-        except Exception:
+        except (OSError, RuntimeError):  # already lost (reset, or the loop is closing): closed either way
             pass
 
     async def __aenter__(self) -> "AsyncClient":
@@ -439,5 +468,5 @@ def ensure_daemon(path: Path | str | None = None, *, model: str | None = None, d
     return path
 
 
-__all__ = ["Client", "AsyncClient", "ensure_daemon", "spawn_daemon", "daemon_answers",
-           "DaemonUnavailable", "RequestTooLarge"]
+__all__ = ["Client", "AsyncClient", "ensure_daemon", "spawn_daemon", "daemon_answers", "model_loaded",
+           "DaemonUnavailable", "ModelLoadFailed", "RequestTooLarge"]

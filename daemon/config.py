@@ -188,6 +188,45 @@ LIMIT_RANGES = {
 
 
 @dataclass(frozen=True)
+class Cluster:
+    """`[cluster]`: how `dgemma cluster up` serves the model to a team (dgemma.cluster)."""
+    host: str = "127.0.0.1"  # the HTTP ingress; another address exposes it (put TLS in front)
+    port: int = 8000
+    # Fixed replica count; None: one per GPU of the cluster, or one CPU replica where there is none.
+    replicas: int | None = None
+    # Autoscaling between these counts instead of a fixed one (both or neither).
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    replica_cpus: float = 1.0  # CPUs each replica reserves (and torch threads on a CPU replica)
+    # Requests a replica holds (one runs, the rest queue there); past it Serve tries the next replica.
+    max_ongoing_requests: int = 16
+
+    def __post_init__(self) -> None:
+        def bad(what: str) -> DgemmaError:
+            return DgemmaError("invalid_params", f"[cluster]: {what}")
+        if not isinstance(self.host, str) or not self.host:
+            raise bad("`host` must be an address such as 127.0.0.1")
+        ints = {"port": (1, 65535), "replicas": (1, 4096), "min_replicas": (0, 4096), "max_replicas": (1, 4096),
+                "max_ongoing_requests": (1, 1 << 16)}
+        for name, (low, high) in ints.items():
+            value = getattr(self, name)
+            if value is None and name.endswith("replicas"):  # the counts may be left to the cluster
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise bad(f"`{name}` must be an integer in {low}..{high}, not {value!r:.40}")
+        if not isinstance(self.replica_cpus, (int, float)) or isinstance(self.replica_cpus, bool) \
+                or not 0 < self.replica_cpus <= 1024:
+            raise bad(f"`replica_cpus` must be a number in (0, 1024], not {self.replica_cpus!r:.40}")
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise bad("set both `min_replicas` and `max_replicas` to autoscale, or neither")
+        if self.min_replicas is not None:
+            if self.replicas is not None:
+                raise bad("`replicas` fixes the count; autoscaling (`min_replicas`, `max_replicas`) varies it: pick one")
+            if self.min_replicas > self.max_replicas:  # type: ignore[operator]
+                raise bad("`min_replicas` is above `max_replicas`")
+
+
+@dataclass(frozen=True)
 class Config:
     model: str | None = None
     device: str | None = None
@@ -196,13 +235,21 @@ class Config:
     # Keyword arguments for the engine's SamplerSettings (e.g. max_denoising_steps).
     sampler: dict[str, Any] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+    # Remote mode: fill and edit go to this team server (`dgemma cluster up`) instead of a local model.
+    remote: str | None = None
+    # The team server's bearer token: `dgemma cluster up` creates it, clients in remote mode send it.
+    token_file: str | None = None
+    cluster: Cluster = field(default_factory=Cluster)
 
     def model_identity(self) -> tuple[Any, ...]:
         """What requires loading the model again when it changes."""
-        return (self.model, self.device, self.dtype, self.quantization)
+        return (self.model, self.device, self.dtype, self.quantization, self.remote, self.token_file)
+
+    def token_path(self) -> Path:
+        return Path(self.token_file) if self.token_file else config_dir() / "cluster.token"
 
 
-_TOP = {"model", "device", "dtype", "quantization", "sampler", "limits"}
+_TOP = {"model", "device", "dtype", "quantization", "sampler", "limits", "remote", "token_file", "cluster"}
 DTYPES = ("auto", *DTYPE_NAMES)
 QUANTIZATIONS = ("nvfp4", "nf4")
 
@@ -219,13 +266,17 @@ def parse_config(text: str, source: str = "config.toml") -> Config:
         raise DgemmaError("invalid_params", f"{source}: unknown key(s) {', '.join(sorted(unknown))}; "
                                             f"known: {', '.join(sorted(_TOP))}")
     kwargs: dict[str, Any] = {}
-    for key in ("model", "device", "dtype", "quantization"):
+    for key in ("model", "device", "dtype", "quantization", "remote", "token_file"):
         if key in data:
             if not isinstance(data[key], str):
                 raise DgemmaError("invalid_params", f"{source}: `{key}` must be a string")
             kwargs[key] = data[key]
-    if "model" in kwargs:
-        kwargs["model"] = os.path.expanduser(kwargs["model"])
+    for key in ("model", "token_file"):
+        if key in kwargs:
+            kwargs[key] = os.path.expanduser(kwargs[key])
+    if "remote" in kwargs:
+        from dgemma.daemon.remote import check_url
+        check_url(kwargs["remote"], f"{source}: `remote`")
     if "device" in kwargs:
         check_device(kwargs["device"], f"{source}: `device`")
     for key, names in (("dtype", DTYPES), ("quantization", QUANTIZATIONS)):
@@ -240,18 +291,24 @@ def parse_config(text: str, source: str = "config.toml") -> Config:
     except DgemmaError as exc:
         raise DgemmaError("invalid_params", f"{source}: [sampler]: {exc.message}") from None
     kwargs["sampler"] = dict(sampler)
-    limits = data.get("limits", {})
-    if not isinstance(limits, dict):
-        raise DgemmaError("invalid_params", f"{source}: [limits] must be a table")
-    known = {f.name for f in fields(Limits)}
-    for key in limits:
+    kwargs["limits"] = _table(data, "limits", Limits, source)
+    kwargs["cluster"] = _table(data, "cluster", Cluster, source)
+    return Config(**kwargs)
+
+
+def _table(data: dict[str, Any], name: str, cls: type[Any], source: str) -> Any:
+    """The `[name]` table as a `cls` dataclass, which checks its own values; unknown keys are errors."""
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        raise DgemmaError("invalid_params", f"{source}: [{name}] must be a table")
+    known = {f.name for f in fields(cls)}
+    for key in table:
         if key not in known:
-            raise DgemmaError("invalid_params", f"{source}: unknown limit `{key}`; known: {', '.join(sorted(known))}")
+            raise DgemmaError("invalid_params", f"{source}: unknown [{name}] key `{key}`; known: {', '.join(sorted(known))}")
     try:
-        kwargs["limits"] = Limits(**limits)
+        return cls(**table)
     except DgemmaError as exc:
         raise DgemmaError("invalid_params", f"{source}: {exc.message}") from None
-    return Config(**kwargs)
 
 
 def load_config(path: Path | None = None) -> Config:

@@ -92,7 +92,7 @@ class Connection:
             await asyncio.sleep(0.01)
         try:
             await asyncio.wait_for(self.writer.drain(), max(0.0, deadline - time.monotonic()))
-        except Exception:
+        except (asyncio.TimeoutError, OSError):  # too slow, or gone: the connection closes anyway
             pass
 
     def abort(self) -> None:

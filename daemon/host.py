@@ -12,16 +12,19 @@ import gc
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from dgemma.daemon.config import Config
+from dgemma.daemon.remote import Remote
 from dgemma.daemon.scheduler import Scheduler
+from dgemma.engine.api import FillEngine
 from dgemma.engine.devices import model_spec
 from dgemma.errors import DgemmaError
 
 log = logging.getLogger("dgemma.daemon")
 
-EngineFactory = Callable[[Config, "str | None", "str | None"], Any]
+# (config, model spec, device) -> the engine to serve; the daemon builds `default_engine_factory`'s, tests script one.
+EngineFactory = Callable[[Config, "str | None", "str | None"], FillEngine]
 
 
 class ModelHost:
@@ -34,7 +37,7 @@ class ModelHost:
         self.cli_device = cli_device
         # Why the file's latest valid config is not in force (its model did not load).
         self.apply_error: str | None = None
-        self.engine: Any = None
+        self.engine: FillEngine | Remote | None = None
         self.model_name: str | None = None
         self.model_spec: str | None = self.spec(config)
         self.device_name: str | None = None
@@ -60,7 +63,7 @@ class ModelHost:
         log.info("loading model %s", spec or "(bundled)")
         try:
             engine, failure = self._build_engine(config, spec), None
-        except Exception as exc:
+        except Exception as exc:  # deliberate: whatever a load raises, the daemon stays up and says why
             engine, failure = None, exc
         return self._install(spec, engine, failure, t0)
 
@@ -77,11 +80,11 @@ class ModelHost:
         def build() -> None:
             try:
                 engine, failure = self._build_engine(config, spec), None
-            except Exception as exc:
+            except Exception as exc:  # deliberate: as in load(), the worker reports it in install()
                 engine, failure = None, exc
             self.scheduler.control(lambda: install(engine, failure))
 
-        def install(engine: Any, failure: Exception | None) -> None:
+        def install(engine: FillEngine | Remote | None, failure: Exception | None) -> None:
             self.loading = None
             if is_oom(failure):  # two models rarely fit on one GPU
                 self._give_up_engine()
@@ -97,7 +100,7 @@ class ModelHost:
 
         threading.Thread(target=build, name="dgemma-load", daemon=True).start()
 
-    def _install(self, spec: str | None, engine: Any, failure: Exception | None, t0: float) -> bool:
+    def _install(self, spec: str | None, engine: FillEngine | Remote | None, failure: Exception | None, t0: float) -> bool:
         """Worker thread: put a freshly built engine in service, or record why it was not built."""
         if failure is not None:
             if isinstance(failure, DgemmaError):
@@ -113,12 +116,12 @@ class ModelHost:
                 self.state = "ready"
                 log.error("cannot load the model, %s keeps serving: %s", self.model_name, error.message)
             return False
+        assert engine is not None
         replaced = self.engine is not None
         self.engine = engine
         self.model_spec = spec
-        loaded = getattr(engine, "loaded", None) or getattr(engine, "model", None)
-        self.model_name = str(getattr(loaded, "name", None) or spec or "bundled")
-        self.device_name = str(getattr(loaded, "device", "") or "") or None
+        self.model_name = engine.model_name
+        self.device_name = str(engine.device)
         self.load_error = None
         self.loads += 1
         self.state = "ready"
@@ -128,7 +131,9 @@ class ModelHost:
         log.info("model %s ready on %s in %.1f s", self.model_name, self.device_name, time.monotonic() - t0)
         return True
 
-    def _build_engine(self, config: Config, spec: str | None) -> Any:
+    def _build_engine(self, config: Config, spec: str | None) -> FillEngine | Remote:
+        if config.remote:  # remote mode: the team server holds the model (daemon/remote.py)
+            return Remote(config.remote, config.token_path())
         return self.engine_factory(config, spec, self.cli_device or config.device)
 
     def _give_up_engine(self) -> None:
@@ -183,10 +188,23 @@ class ModelHost:
 def is_oom(exc: BaseException) -> bool:
     try:
         import torch
-    except Exception:
+    except ImportError:
         return False
     oom = getattr(torch.cuda, "OutOfMemoryError", None) or getattr(torch, "OutOfMemoryError", None)
     return oom is not None and isinstance(exc, oom)
+
+
+def failure_error(engine: FillEngine | Remote | None, exc: Exception) -> DgemmaError:
+    """The wire error for an exception a request raised (the caller logs it, with its context).
+    Out of memory gives back what the prefix cache holds (it only saves prefill time) and the CUDA
+    cache, and the server goes on; anything else is a bug: `internal`."""
+    if is_oom(exc):
+        if engine is not None and not isinstance(engine, Remote):
+            engine.prefix_cache.clear()
+        empty_cuda_cache()
+        return DgemmaError("out_of_memory", "the GPU ran out of memory on this request; try a shorter context "
+                                            "or fewer candidates")
+    return DgemmaError("internal", f"internal error: {type(exc).__name__}: {exc}")
 
 
 def empty_cuda_cache() -> None:
@@ -194,11 +212,11 @@ def empty_cuda_cache() -> None:
         import torch
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    except Exception:
+    except (ImportError, RuntimeError):  # no torch, or a CUDA error: there is nothing to hand back
         pass
 
 
-def default_engine_factory(config: Config, model: str | None, device: str | None, progress: bool = False) -> Any:
+def default_engine_factory(config: Config, model: str | None, device: str | None, progress: bool = False) -> FillEngine:
     from dgemma.engine.engine import Engine
     from dgemma.engine.loading import load_model
 

@@ -62,7 +62,9 @@ def decode_body(body: bytes) -> dict[str, Any]:
     try:
         # strict_map_key=False: ids may be ints or strings, keys of nested maps too.
         obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises a zoo of types for garbage input
+    # What garbage input raises (fuzzed): msgpack's own errors, ValueError (truncated input, extra
+    # data, bad UTF-8), TypeError (a map key that cannot be hashed), OverflowError.
+    except (msgpack.UnpackException, ValueError, TypeError, OverflowError) as exc:
         raise DgemmaError("invalid_request", f"malformed msgpack frame ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
         raise DgemmaError("invalid_request", f"a frame must hold a msgpack map, not {type(obj).__name__}")

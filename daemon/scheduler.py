@@ -31,12 +31,28 @@ class CancelFlag:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
         self.reason = ""
 
     def set(self, reason: str = "cancelled") -> None:
-        if not self._event.is_set():
+        with self._lock:
+            if self._event.is_set():
+                return
             self.reason = reason
             self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn()
+
+    def on_set(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once the flag is set (at once if it is): a request blocked on I/O, which
+        cannot poll, is woken this way (remote mode closes its connection)."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(fn)
+                return
+        fn()
 
     def is_set(self) -> bool:
         return self._event.is_set()

@@ -26,9 +26,11 @@ from typing import Any, Callable
 from dgemma.daemon import protocol as proto
 from dgemma.daemon.config import (Config, ConfigWatcher, config_path, ensure_private_dir, lock_fd, runtime_dir, socket_path,
                      tcp_info_path, transport)
-from dgemma.engine.answers import answer, regeneration_budget
+from dgemma.daemon.codec import engine_kwargs, run_request
+from dgemma.engine.api import Draft
 from dgemma.daemon.connection import Connection
-from dgemma.daemon.host import ModelHost, default_engine_factory, empty_cuda_cache, is_oom
+from dgemma.daemon.remote import Remote
+from dgemma.daemon.host import EngineFactory, ModelHost, default_engine_factory, failure_error
 from dgemma.errors import DgemmaError
 from dgemma.engine.loading import BUNDLED_MODEL_DIR
 from dgemma.engine.settings import check_settings
@@ -36,10 +38,7 @@ from dgemma.daemon.scheduler import STOP_REPLIES, Job, Scheduler
 
 log = logging.getLogger("dgemma.daemon")
 
-try:
-    from dgemma import __version__ as VERSION
-except Exception:  # pragma: no cover - dgemma/__init__ always defines it
-    VERSION = "0"
+from dgemma import __version__ as VERSION
 
 SERVER_NAME = f"dgemma/{VERSION}"
 
@@ -56,7 +55,7 @@ def _canon_model(spec: str | None) -> str:
 class Server:
     def __init__(self, config: Config, *, model: str | None = None, device: str | None = None,
                  socket: Path | None = None, config_file: Path | None = None,
-                 engine_factory: Callable[[Config, str | None, str | None], Any] | None = None,
+                 engine_factory: EngineFactory | None = None,
                  progress: bool = False, config_error: str | None = None) -> None:
         """`config` is the config in force; `config_error` says why the file could not be
         used at start-up (status shows it until the file is fixed)."""
@@ -89,6 +88,7 @@ class Server:
         self._stopped: asyncio.Event | None = None
         self._worker: threading.Thread | None = None
         self._lock_fd: int | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.transport = transport()
         # TCP only: the secret every connection must present in `hello`, and the port.
         self.token: str | None = None
@@ -123,7 +123,7 @@ class Server:
             reply = proto.result(job.id, self._execute(job))
         except DgemmaError as exc:
             reply = self._error_reply(job, exc)
-        except Exception as exc:
+        except Exception as exc:  # deliberate: the worker survives any engine failure and says what it was
             reply = self._exception_reply(job, exc)
         if reply is not None:
             self._call_soon(self._finish, job, reply)
@@ -136,20 +136,38 @@ class Server:
         assert loop is not None
         conn, rid = job.conn, job.id
 
-        def send_draft(d: Any) -> None:
+        def send_draft(d: Draft) -> None:
             # Worker thread: hand the draft to the loop, never touch the socket here.
-            loop.call_soon_threadsafe(conn.send_draft, rid,
-                                      proto.draft(rid, d.text, int(d.step), int(getattr(d, "canvas", 0))))
+            loop.call_soon_threadsafe(conn.send_draft, rid, proto.draft(rid, d.text, int(d.step), int(d.canvas)))
         on_step = send_draft if job.stream else None
-        kwargs = dict(job.kwargs)
         settings = {**self.host.config.sampler, **job.settings}
-        if settings:
-            kwargs["settings"] = settings  # the engine overlays it on its defaults and validates
         t0 = time.monotonic()
-        res = answer(engine, job.method, kwargs, on_step=on_step, cancel=job.flag, deadline=job.deadline)
-        payload = result_payload(res, self.host.model_name)
-        payload["queue_ms"] = (t0 - job.received) * 1000
+        if isinstance(engine, Remote):
+            payload = self._forward(engine, job, settings, t0)
+        else:
+            payload = run_request(engine, job.method, job.kwargs, settings, on_step=on_step, cancel=job.flag,
+                                  deadline=job.deadline)
+        payload["queue_ms"] = (t0 - job.received) * 1000 + float(payload.get("queue_ms", 0.0))
         return payload
+
+    def _forward(self, remote: Remote, job: Job, settings: dict[str, Any], t0: float) -> dict[str, Any]:
+        """Remote mode: the request goes to the team server, its drafts come back to the client as
+        they arrive, and the answer is already cleaned there (the replica runs `run_request` too);
+        its `queue_ms` is the replica's wait."""
+        loop = self._loop
+        assert loop is not None
+
+        def relay(frame: dict[str, Any]) -> None:
+            d = frame["draft"]
+            loop.call_soon_threadsafe(job.conn.send_draft, job.id,
+                                      proto.draft(job.id, str(d["text"]), int(d["step"]), int(d["canvas"])))
+        params = {k: v for k, v in job.kwargs.items() if v is not None}
+        if settings:
+            params["settings"] = settings
+        if job.deadline is not None:
+            params["deadline_ms"] = max(0.0, (job.deadline - t0) * 1000)
+        return remote.forward(job.method, params, document=job.document, on_draft=relay if job.stream else None,
+                              cancel=job.flag, deadline=job.deadline)
 
     def _error_reply(self, job: Job, exc: DgemmaError) -> dict[str, Any] | None:
         if exc.code not in ("cancelled", "deadline"):
@@ -159,17 +177,12 @@ class Server:
         return proto.error(job.id, exc.code, exc.message)
 
     def _exception_reply(self, job: Job, exc: Exception) -> dict[str, Any]:
-        if is_oom(exc):
+        err = failure_error(self.host.engine, exc)
+        if err.code == "out_of_memory":
             log.error("out of memory on request %r of client %d", job.id, job.conn.cid)
-            # Cached prefixes only save prefill time: give back whatever memory they hold.
-            cache = getattr(self.host.engine, "prefix_cache", None)
-            if cache is not None:
-                cache.clear()
-            empty_cuda_cache()
-            return proto.error(job.id, "out_of_memory",
-                               "the GPU ran out of memory on this request; try a shorter context or fewer candidates")
-        log.error("internal error on request %r of client %d", job.id, job.conn.cid, exc_info=True)
-        return proto.error(job.id, "internal", f"internal error: {type(exc).__name__}: {exc}")
+        else:
+            log.error("internal error on request %r of client %d", job.id, job.conn.cid, exc_info=exc)
+        return proto.error(job.id, err.code, err.message)
 
     # -- loop side -------------------------------------------------------------------------
 
@@ -264,11 +277,13 @@ class Server:
             writer_task.cancel()
             try:
                 await writer_task
-            except (asyncio.CancelledError, Exception):
+            except asyncio.CancelledError:
                 pass
+            except Exception:  # a bug in the writer (it handles a lost socket itself): say so, close anyway
+                log.error("client %d: the connection's writer failed", conn.cid, exc_info=True)
             try:
                 writer.close()
-            except Exception:
+            except (OSError, RuntimeError):  # already reset, or the loop is closing
                 pass
 
     def _token_ok(self, msg: dict[str, Any]) -> bool:
@@ -341,7 +356,25 @@ class Server:
     def _m_ping(self, conn: Connection, rid: Any, params: dict[str, Any]) -> dict[str, Any]:
         return {"pong": True, "time": time.time()}
 
-    def _m_status(self, conn: Connection, rid: Any, params: dict[str, Any]) -> dict[str, Any]:
+    def _m_status(self, conn: Connection, rid: Any, params: dict[str, Any]) -> dict[str, Any] | None:
+        info = self._status()
+        remote = self.host.engine
+        if not isinstance(remote, Remote):
+            return info
+
+        async def with_remote() -> None:
+            # The team server's own view (its replicas), fetched off the loop; down is said, not raised.
+            try:
+                info["remote"] = {"url": remote.url, **await asyncio.to_thread(remote.status)}
+            except DgemmaError as exc:
+                info["remote"] = {"url": remote.url, "error": exc.message}
+            conn.send(proto.result(rid, info))
+        task = asyncio.get_running_loop().create_task(with_remote())
+        self._background.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._background.discard)
+        return None
+
+    def _status(self) -> dict[str, Any]:
         running = self.scheduler.running
         return {
             "pid": os.getpid(), "server": SERVER_NAME, "protocol": proto.PROTOCOL_VERSION,
@@ -536,48 +569,6 @@ def _stopped(job: Job, reason: str) -> dict[str, Any] | None:
     return None if reply is None else proto.error(job.id, *reply)
 
 
-def engine_kwargs(method: str, params: dict[str, Any], limits: Any) -> dict[str, Any]:
-    """Validated keyword arguments for Engine.fill / Engine.edit from request params
-    (shared with the in-process path of the command line)."""
-    p = proto.param
-    kwargs: dict[str, Any] = {
-        "prefix": p(params, "prefix", str),
-        "suffix": p(params, "suffix", str, ""),
-        "n": p(params, "n", int, 1, min=1, max=limits.max_n),
-        "seed": p(params, "seed", int, None, min=-(1 << 63), max=(1 << 64) - 1),  # what torch takes
-    }
-    max_tokens = p(params, "max_tokens", int, None, min=1, max=limits.max_tokens)
-    if method == "fill":
-        kwargs["max_tokens"] = max_tokens if max_tokens is not None else min(256, limits.max_tokens)
-        kwargs["max_lines"] = p(params, "max_lines", int, None, min=1, max=1 << 20)
-    else:
-        kwargs["selection"] = p(params, "selection", str)
-        kwargs["instruction"] = p(params, "instruction", str, "")
-        kwargs["strength"] = p(params, "strength", float, 0.5, min=0.0, max=1.0)
-        if max_tokens is None and not kwargs["instruction"].strip():
-            max_tokens = regeneration_budget(kwargs["selection"], limits.max_tokens)
-        if max_tokens is not None:
-            kwargs["max_tokens"] = max_tokens
-    return kwargs
-
-
-def result_payload(res: Any, model_name: str | None) -> dict[str, Any]:
-    """An engine Result as the wire's `result` map."""
-    return {
-        "completions": [{"text": c.text, "score": float(c.score), "agreement": float(c.agreement),
-                         "fit": None if getattr(c, "fit", None) is None else float(c.fit)}
-                        for c in res.completions],
-        "model": model_name or getattr(res, "model", None),
-        "steps": int(res.steps),
-        "ms": float(res.ms),
-        "cached_tokens": int(getattr(res, "cached_tokens", 0) or 0),
-        "prompt_tokens": int(getattr(res, "prompt_tokens", 0) or 0),
-        "prefix_dropped": int(getattr(res, "prefix_dropped", 0) or 0),
-        "suffix_dropped": int(getattr(res, "suffix_dropped", 0) or 0),
-        "canvases": int(getattr(res, "canvases", 0) or 0),
-    }
-
-
 def _vram() -> dict[str, int] | None:
     try:
         import sys
@@ -587,14 +578,14 @@ def _vram() -> dict[str, int] | None:
         free, total = torch.cuda.mem_get_info()
         return {"allocated": int(torch.cuda.memory_allocated()), "peak": int(torch.cuda.max_memory_allocated()),
                 "reserved": int(torch.cuda.memory_reserved()), "free": int(free), "total": int(total)}
-    except Exception:
+    except RuntimeError:  # a CUDA error: status still answers, without memory figures
         return None
 
 
 def _read_pid(folder: Path) -> int | None:
     try:
         return int(json.loads((folder / "daemon.pid").read_text())["pid"])
-    except Exception:
+    except (OSError, ValueError, KeyError, TypeError):  # gone, or not the file a daemon writes
         return None
 
 

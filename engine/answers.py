@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from dgemma.engine.engine import Engine, Result
+from dgemma.engine.api import FillEngine, Result
 from dgemma.engine.postprocess import clean_replacement, postprocess
 from dgemma.engine.window import CHARS_PER_TOKEN
 
@@ -22,7 +22,7 @@ def regeneration_budget(selection: str, cap: int) -> int:
     return min(estimate * 3 // 2 + 64, cap)
 
 
-def answer(engine: Engine, method: str, kwargs: dict[str, Any], **control: Any) -> Result:
+def answer(engine: FillEngine, method: str, kwargs: dict[str, Any], **control: Any) -> Result:
     """Run a `fill` or `edit` (kwargs from `server.engine_kwargs`; control: settings, on_step,
     cancel, deadline) and clean its completions. An edit without an instruction regenerates the
     selection as the middle between what surrounds it. A cleaned text of "" means nothing to apply."""

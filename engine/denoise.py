@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from dgemma.errors import DgemmaError
 from dgemma.engine.sampler import sample_positions
@@ -78,18 +79,30 @@ def _window_tensors_on(cache: DynamicCache, device: torch.device) -> None:
 
 
 def expand_cache(cache: DynamicCache, batch: int) -> DynamicCache:
-    """A view of a batch-1 cache for ``batch`` rows, with no tensor copied. The decoder only reads
-    it; an encoder pass may append to it (the cache layers rebind their tensors on append, never
-    write into them), and the original cache stays as it was."""
-    wide = DynamicCache.__new__(DynamicCache)
-    wide.__dict__.update(cache.__dict__)
-    wide.layers = []
-    for layer in cache.layers:
-        clone = layer.__class__.__new__(layer.__class__)
-        clone.__dict__.update(layer.__dict__)
-        clone.keys = layer.keys.expand(batch, -1, -1, -1)
-        clone.values = layer.values.expand(batch, -1, -1, -1)
-        wide.layers.append(clone)
+    """A view of a batch-1 cache for ``batch`` rows, with no tensor copied: every row of a canvas
+    batch shares the one encoded prefix. The decoder only reads it; an encoder pass may append to it
+    (the cache layers rebind their tensors on append, never write into them), and the original
+    cache stays as it was. Built from transformers' public cache classes: new layers of the same
+    kinds, holding the prefix's keys and values expanded to the batch."""
+    wide = DynamicCache()
+    wide.layers = [_expand_layer(layer, batch) for layer in cache.layers]
+    return wide
+
+
+def _expand_layer(layer: DynamicLayer, batch: int) -> DynamicLayer:
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        wide = DynamicSlidingWindowLayer(sliding_window=layer.sliding_window)
+        wide.cumulative_length = layer.cumulative_length  # tokens seen, more than the window holds
+    elif type(layer) is DynamicLayer:
+        wide = DynamicLayer()
+    else:
+        raise TypeError(f"expand_cache cannot share a {type(layer).__name__} between rows")
+    if layer.is_initialized:
+        # What `lazy_initialization` sets, less its copy of a sliding layer's window size to the device
+        # (a host sync per layer; the model does not read it, and `encode` makes it on the device).
+        wide.device, wide.is_initialized = layer.keys.device, True
+        wide.keys = layer.keys.expand(batch, -1, -1, -1)
+        wide.values = layer.values.expand(batch, -1, -1, -1)
     return wide
 
 

@@ -5,6 +5,7 @@ request -> context ids (prefix cache) -> canvas plan (canvas.py) -> denoise loop
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from dgemma.engine.api import Completion, Draft, Result
 from dgemma.engine.canvas import CanvasPlan, line_drafts, plan_rows, slot_candidates, slot_tokens
 from dgemma.engine.denoise import Interrupt, StepState, denoise, encode
 from dgemma.errors import DgemmaError
@@ -22,45 +24,13 @@ from dgemma.engine.prefix_cache import PrefixCache, copy_cache, default_budget
 from dgemma.engine.settings import SamplerSettings
 from dgemma.engine.ranking import SUFFIX_FIT_TOKENS, agreement, suffix_fit
 from dgemma.engine.window import Cut, cut_prefix, cut_suffix
-from dgemma.engine.plan import PREFILL_CHUNK_TOKENS
+from dgemma.engine.plan import PLANNED_CONTEXT, PREFILL_CHUNK_TOKENS, resident_prefix_budget
+from dgemma.engine.static_step import StaticStep, static_mode
+
+log = logging.getLogger("dgemma.engine")
 
 MAX_ALTERNATIVES = 8
 MAX_NEW_TOKENS = 4096
-
-
-@dataclass
-class Completion:
-    text: str
-    score: float  # mean log-probability of the chosen tokens (and the closing <eos>)
-    agreement: float  # mean edit similarity of its first canvas to the request's other first-canvas rows
-    fit: float | None  # log p(suffix's first tokens | prefix + first canvas), when ranked by it (ranking.py)
-    tokens: int
-    finished: bool  # the model closed the middle with <eos> (False: cut by the token budget)
-
-
-@dataclass
-class Draft:
-    text: str
-    step: int
-    canvas: int
-
-
-@dataclass
-class Result:
-    completions: list[Completion]
-    steps: int = 0
-    canvases: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    prefix_dropped: int = 0  # characters at the start of the prefix the model did not see (engine/window.py)
-    suffix_dropped: int = 0  # characters at the end of the suffix it did not see
-    ms: float = 0.0
-    seed: int = 0
-    model: str = ""
-
-    @property
-    def text(self) -> str:
-        return self.completions[0].text
 
 
 @dataclass
@@ -89,11 +59,12 @@ class _Request:
 
 
 class Engine:
-    """Owns one loaded model. Not thread-safe: a single worker thread calls it."""
+    """Owns one loaded model (the daemon's `api.FillEngine`). Not thread-safe: a single worker
+    thread calls it."""
 
     def __init__(self, loaded: LoadedModel, *, settings: SamplerSettings | None = None,
                  prefix_cache_bytes: int | None = None, max_rows: int | None = None,
-                 logits_budget_bytes: int | None = None) -> None:
+                 logits_budget_bytes: int | None = None, prefix_device_bytes: int | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -115,10 +86,23 @@ class Engine:
         # chunked): about 1 GiB per row at 262k vocabulary. Rows beyond the budget wait for the next batch.
         per_row = 4 * self.canvas_length * self.vocab_size * 4
         self.max_rows = max_rows or max(1, (logits_budget_bytes or (1 << 30)) // per_row)
+        # The decoder step (engine/static_step.py), read here so that a bad DGEMMA_GRAPHS fails now.
+        # Its buffers hold a prefix of the planned context; a longer one decodes on the dynamic cache.
+        self.static_mode = static_mode(self.device)
+        self.static_capacity = min(self.context_limit, PLANNED_CONTEXT)
+        self._static: StaticStep | None = None
+        if prefix_device_bytes is None:
+            # On a GPU, what the memory plan's peak leaves of the memory free once the weights are in.
+            prefix_device_bytes = 0 if self.device.type != "cuda" else resident_prefix_budget(
+                config, torch.cuda.mem_get_info(self.device)[0], self.max_rows, self.static_mode == "graphs")
         self.prefix_cache = PrefixCache(default_budget(self.device) if prefix_cache_bytes is None
-                                        else prefix_cache_bytes)
+                                        else prefix_cache_bytes, prefix_device_bytes)
 
     # ------------------------------------------------------------------ public API
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
+
     def fill(self, prefix: str, suffix: str, *, n: int = 1, max_tokens: int = 256, seed: int | None = None,
              settings: SamplerSettings | dict | None = None, on_step: Callable[[Draft], None] | None = None,
              cancel: object | None = None, deadline: float | None = None) -> Result:
@@ -306,11 +290,27 @@ class Engine:
                        strength: float, req: _Request) -> list[_Row]:
         """Denoise one canvas for every planned row, ``max_rows`` rows per batch."""
         decoded = []
+        decoder = self._decoder(cache)
         for start in range(0, len(rows), self.max_rows):
             plan = self._plan(rows[start:start + self.max_rows], suffix_ids, strength, req.generator)
             observer = self._draft_observer(plan, req) if req.on_step else None
-            outcome = denoise(self.model, cache, plan.tokens.to(self.device), plan.pinned.to(self.device),
-                              req.settings, req.generator, req.interrupt, observer)
+            args = (cache, plan.tokens.to(self.device), plan.pinned.to(self.device), req.settings, req.generator,
+                    req.interrupt, observer)
+            try:
+                outcome = denoise(decoder, *args)
+            except DgemmaError:
+                raise  # cancelled, deadline: the request's own end, whatever decodes it
+            except Exception as exc:
+                if decoder is self.model:
+                    raise
+                # The static step (CUDA graphs on a GPU) cannot have run on every GPU and driver a
+                # user has: when it fails, this engine decodes on the dynamic cache from now on, and
+                # says so once, rather than failing every request.
+                log.warning("the static decoder step failed (%s: %s); decoding on the dynamic cache from now "
+                            "on (DGEMMA_GRAPHS=0 skips it)", type(exc).__name__, exc, exc_info=exc)
+                self.static_mode, self._static = None, None
+                decoder = self.model
+                outcome = denoise(decoder, *args)
             req.steps += outcome.steps
             argmax, logprobs = outcome.argmax.tolist(), outcome.logprobs
             for i, m in enumerate(plan.slots):
@@ -321,6 +321,16 @@ class Engine:
                 decoded.append(_Row(tokens, finished, float(logprobs[i, :scored].sum()), scored))
         req.canvases += 1
         return decoded
+
+    def _decoder(self, cache: DynamicCache) -> StaticStep | torch.nn.Module:
+        """What denoises against ``cache``: the static step with the prefix loaded (made, and on a
+        GPU its graphs captured, on first use), or the model on the dynamic cache."""
+        if self.static_mode is None or cache.get_seq_length() > self.static_capacity:
+            return self.model
+        if self._static is None:
+            self._static = StaticStep(self.model, self.static_capacity, graphs=self.static_mode == "graphs")
+        self._static.load(cache)
+        return self._static
 
     def _draft_observer(self, plan: CanvasPlan, req: _Request) -> Callable[[StepState], None]:
         free = (~plan.pinned).to(self.device)

@@ -52,21 +52,42 @@ def resolve_model_path(model: str | os.PathLike | None = None) -> Path:
     if path.exists():
         raise DgemmaError("model_missing", f"Model path {path} is a file; give the checkpoint's directory.")
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        try:
-            return Path(snapshot_download(spec, local_files_only=True))
-        except LocalEntryNotFoundError:
-            pass  # not in the offline cache: said below
-        except (OSError, ValueError) as exc:  # in the cache but unreadable: not "not on this machine"
-            raise DgemmaError("model_missing", f"Model '{spec}' is in the Hugging Face cache but cannot be read: "
-                                               f"{type(exc).__name__}: {exc}") from None
+        cached = _hub_snapshot(spec)
+        if cached is not None:
+            return cached
     raise DgemmaError(
         "model_missing",
         f"Model '{spec}' is not on this machine: download it where you have network "
         f"(`hf download {spec}`), copy the directory here and pass it with --model DIR or DGEMMA_MODEL.",
     )
+
+
+def _hub_snapshot(spec: str) -> Path | None:
+    """The offline Hugging Face cache's snapshot of model ``spec``; None when the cache holds
+    nothing of it (or ``spec`` is no model id). A model the cache holds only part of, or cannot
+    read, is an error that says so, not "not on this machine"."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.file_download import repo_folder_name
+
+    try:
+        path = Path(snapshot_download(spec, local_files_only=True))
+    except HFValidationError:
+        return None  # not a model id: a directory that is not there
+    except LocalEntryNotFoundError as exc:
+        folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=spec, repo_type="model")
+        if not folder.exists():
+            return None
+        raise DgemmaError("model_missing", f"Model '{spec}' is only partly in the Hugging Face cache ({folder}): "
+                                           f"{exc} Download it again (`hf download {spec}`).") from None
+    except (OSError, ValueError) as exc:  # in the cache but unreadable
+        raise DgemmaError("model_missing", f"Model '{spec}' is in the Hugging Face cache but cannot be read: "
+                                           f"{type(exc).__name__}: {exc}") from None
+    if not (path / "config.json").is_file():
+        raise DgemmaError("model_missing", f"Model '{spec}' is in the Hugging Face cache ({path}) but its download "
+                                           f"is incomplete: there is no config.json. Download it again "
+                                           f"(`hf download {spec}`).")
+    return path
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
@@ -114,8 +135,8 @@ def load_model(model: str | os.PathLike | None = None, *, device: str | torch.de
     dt = pick_dtype(dtype, dev)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as exc:
-        raise DgemmaError("model_missing", f"Cannot read the model config in {path}: {exc}") from None
+    except Exception as exc:  # a broken config.json fails in any of transformers' config classes, any way
+        raise DgemmaError("model_missing", f"Cannot read the model config in {path}: {type(exc).__name__}: {exc}") from None
     if not isinstance(config, DiffusionGemmaConfig):
         raise DgemmaError("model_missing", f"{path} holds a '{config.model_type}' model, not DiffusionGemma.")
     empty = meta_model(config).eval()
@@ -135,8 +156,8 @@ def load_model(model: str | os.PathLike | None = None, *, device: str | torch.de
                           "copy the tokenizer files next to the weights.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as exc:
-        raise DgemmaError("model_missing", f"Cannot load the tokenizer in {path}: {exc}") from None
+    except Exception as exc:  # the tokenizers library raises plain Exception for a file it cannot parse
+        raise DgemmaError("model_missing", f"Cannot load the tokenizer in {path}: {type(exc).__name__}: {exc}") from None
     # The engine checks prompt length against the model's context itself, with a clearer error.
     tokenizer.model_max_length = 1 << 62
     name = path.name if path != BUNDLED_MODEL_DIR else "dgemma-bundled"

@@ -20,10 +20,21 @@ The KV cache follows the per-layer heads and head dims. transformers keeps a sli
 last `window - 1` tokens as a view into the keys of its last encoder pass, so such a layer really
 holds `window - 1` plus that pass's tokens: a canvas commit (decode) or a prefill chunk.
 
+With the static decoder step (engine/static_step.py; on a GPU unless `DGEMMA_GRAPHS=0`, which the
+plan reads as the engine does) come its buffers, which hold for good: a second copy of the prefix
+KV at the full `context` (`static_step_terms`), the inputs of the row bucket the engine uses, and the
+pool of the captured CUDA graphs. The pool is an estimate from the shapes, not a measurement: the
+largest live set inside the step at the bucket's rows (the softcap's two fp32 logits, the
+self-conditioning softmax or a decoder layer), which the graph keeps reserved between replays and
+the buckets' graphs share. Outside the graph the step's logits are a clone (fp32, the step's rows).
+All of it counts in both passes, since it stays allocated while the encoder runs.
+
 Outside `total`, and stated in the output: the CUDA context (`cuda_context`, a driver-dependent
 reserve; `--vram` is what the daemon's tensors may use, i.e. what a GPU has free once a context
 exists, as `torch.cuda.mem_get_info` and `dgemma doctor` see it), allocator fragmentation, and the
-prefix cache, whose entries live in host memory (`prefix_cache_host`).
+prefix cache, whose entries live in host memory (`prefix_cache_host`). Its most recent entry also
+stays on the GPU when the headroom, less `FRAGMENTATION_RESERVE`, holds it (`prefix_cache_device`,
+`resident_prefix_budget`): that budget comes out of the headroom, so it is not in `total` either.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from transformers import DiffusionGemmaConfig
 
 from dgemma.engine import sampler
 from dgemma.engine.prefix_cache import default_budget
+from dgemma.engine.static_step import BUCKETS, bucket, static_mode
 from dgemma.kernels.moe_align import MOE_CHUNK_TOKENS
 from dgemma.quant.formats import NF4_BLOCK, NVFP4_BLOCK
 from dgemma.quant.meta import meta_model
@@ -50,6 +62,11 @@ CUDA_CONTEXT_BYTES = 512 << 20
 # Prompt tokens per encoder pass that the plan assumes of the engine. At most the 26B's sliding
 # window (1024), so a sliding layer's cache never holds more than two windows of keys.
 PREFILL_CHUNK_TOKENS = 1024
+# The context the plan assumes by default, and so the KV capacity of the engine's static decoder
+# step: a longer prefix decodes on the dynamic cache, which no plan at this context counts.
+PLANNED_CONTEXT = 8192
+# Headroom kept free for allocator fragmentation before any is lent to a resident prefix-cache entry.
+FRAGMENTATION_RESERVE = 512 << 20
 BF16 = 2
 FP32 = 4
 
@@ -91,6 +108,12 @@ class MemoryPlan:
     passes: dict[str, dict[str, int]]  # bytes besides the weights at each pass's peak, KV cache included
     cuda_context: int
     prefix_cache_host: int
+    graphs: bool  # the static decoder step with CUDA graphs (its buffers and pool are in `passes`)
+
+    @property
+    def prefix_cache_device(self) -> int:
+        """What the headroom, less the fragmentation reserve, lends the resident prefix entry."""
+        return max(0, self.vram - self.total - FRAGMENTATION_RESERVE)
 
     @property
     def weights_total(self) -> int:
@@ -120,7 +143,8 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(weights_total=self.weights_total, kv_cache=self.kv_cache, peak_pass=self.peak_pass,
-                 total=self.total, gpu_total=self.gpu_total, fits=self.fits, headroom=self.vram - self.total)
+                 total=self.total, gpu_total=self.gpu_total, fits=self.fits, headroom=self.vram - self.total,
+                 prefix_cache_device=self.prefix_cache_device)
         return d
 
 
@@ -205,9 +229,40 @@ def _layer_peak(config: DiffusionGemmaConfig, batch: int, queries: int, context:
     return 6 * rows * h * BF16 + masks + max(attention, feed_forward)
 
 
+def _step_transients(config: DiffusionGemmaConfig, context: int, batch: int) -> dict[str, int]:
+    """The largest temporaries of one decoder forward for `batch` canvas rows."""
+    tc = config.text_config
+    canvas = config.canvas_length or 256
+    rows = batch * canvas
+    logits = rows * tc.vocab_size * FP32
+    return {
+        "softcap, 2 fp32 logits": 2 * logits + rows * tc.hidden_size * BF16,
+        # softmax(dtype=float32) of the bf16 logits: an fp32 copy, then the softmax itself.
+        "self-conditioning softmax": 2 * logits,
+        "decoder layer": _layer_peak(config, batch, canvas, context),
+    }
+
+
+def static_step_terms(config: DiffusionGemmaConfig, context: int, batch: int = 1) -> dict[str, int]:
+    """What the static decoder step with CUDA graphs holds for good (see the module docstring)."""
+    tc = config.text_config
+    canvas = config.canvas_length or 256
+    size = bucket(min(batch, BUCKETS[-1]))
+    transients = _step_transients(config, context, size)
+    held = {kind: min(context, tc.sliding_window - 1) if kind == "sliding_attention" else context
+            for kind in set(tc.layer_types)}
+    masks = sum(canvas * (slots + canvas) for slots in held.values())  # one boolean mask per kind
+    return {
+        "static step: kv buffers": sum(kv_cache_bytes(config, context).values()) + masks,
+        f"static step: inputs (bucket {size})": size * canvas * (tc.vocab_size * BF16 + 8 + 1),
+        "static step: graph pool (estimate)": max(transients.values()),
+    }
+
+
 def pass_terms(config: DiffusionGemmaConfig, context: int, batch: int = 1,
-               prefill_chunk: int = PREFILL_CHUNK_TOKENS) -> dict[str, dict[str, int]]:
-    """Bytes besides the weights at the peak of a canvas decode and of a prompt prefill, by term."""
+               prefill_chunk: int = PREFILL_CHUNK_TOKENS, graphs: bool = False) -> dict[str, dict[str, int]]:
+    """Bytes besides the weights at the peak of a canvas decode and of a prompt prefill, by term;
+    `graphs`: with the static decoder step and its CUDA graphs."""
     tc = config.text_config
     canvas = config.canvas_length or 256
     rows, vocab = batch * canvas, tc.vocab_size
@@ -215,20 +270,20 @@ def pass_terms(config: DiffusionGemmaConfig, context: int, batch: int = 1,
     # The sampler works on SAMPLE_CHUNK_BYTES of positions x vocabulary at a time; it holds four such
     # temporaries at once: gathered rows, softmax, log-softmax and their product.
     chunk_rows = min(rows, max(1, sampler.SAMPLE_CHUNK_BYTES // (vocab * FP32)))
-    transients = {
-        "softcap, 2 fp32 logits": 2 * logits + rows * tc.hidden_size * BF16,
-        # softmax(dtype=float32) of the bf16 logits: an fp32 copy, then the softmax itself.
-        "self-conditioning softmax": 2 * logits,
+    # With graphs the forward's temporaries are in the graph's pool (static_step_terms).
+    transients = {} if graphs else _step_transients(config, context, batch)
+    transients.update({
         "sampler, 4 fp32 chunks": 4 * chunk_rows * vocab * FP32,
         "final log-probs, 2 fp32 logits": 2 * logits,
-        "decoder layer": _layer_peak(config, batch, canvas, context),
-    }
-    # A step's fp32 logits live from its forward's end to its own end (denoise_step), so they sit
-    # beside the sampler's temporaries but not beside the next forward's.
+    })
+    # A step's fp32 logits (with graphs, their clone) live from its forward's end to its own end
+    # (denoise_step), so they sit beside the sampler's temporaries but not beside the next forward's.
     held = {name: logits if name.startswith("sampler") else 0 for name in transients}
     largest = max(transients, key=lambda name: held[name] + transients[name])
+    static = static_step_terms(config, context, batch) if graphs else {}
     decode = {
         "kv cache": sum(kv_cache_bytes(config, context, last_pass=canvas).values()),
+        **static,
         # The canvas rows of one request read one cache through an expanded view (no copy).
         **({"logits (fp32, this step's)": logits} if held[largest] else {}),
         "self-conditioning logits (bf16)": rows * vocab * BF16,
@@ -237,25 +292,37 @@ def pass_terms(config: DiffusionGemmaConfig, context: int, batch: int = 1,
     chunk = min(prefill_chunk or context, context)
     prefill = {
         "kv cache": sum(kv_cache_bytes(config, context, last_pass=chunk).values()),
+        **static,
         f"largest layer for {chunk} tokens": _layer_peak(config, 1, chunk, context - chunk),
     }
     return {"canvas_decode": decode, "prompt_prefill": prefill}
 
 
+def resident_prefix_budget(config: DiffusionGemmaConfig, free: int, batch: int = 1, graphs: bool = False) -> int:
+    """Bytes a resident prefix-cache entry may take on a GPU that has `free` bytes once the weights
+    are loaded: what the peak pass at `PLANNED_CONTEXT` leaves, less `FRAGMENTATION_RESERVE`."""
+    passes = pass_terms(config, PLANNED_CONTEXT, batch, graphs=graphs)
+    return max(0, free - max(sum(terms.values()) for terms in passes.values()) - FRAGMENTATION_RESERVE)
+
+
 def plan(
     config: DiffusionGemmaConfig,
     vram: int,
-    context: int = 8192,
+    context: int = PLANNED_CONTEXT,
     batch: int = 1,
     experts_format: str | None = "nvfp4",
     dense_format: str | None = None,
     prefill_chunk: int = PREFILL_CHUNK_TOKENS,
     cuda_context: int = CUDA_CONTEXT_BYTES,
+    graphs: bool | None = None,
 ) -> MemoryPlan:
     """Memory plan for serving `config` with `context` tokens of KV cache and `batch` canvas rows;
-    `prefill_chunk` prompt tokens per encoder pass (0: the whole prompt in one pass)."""
+    `prefill_chunk` prompt tokens per encoder pass (0: the whole prompt in one pass); `graphs`: the
+    static decoder step with CUDA graphs (None: as an engine on a GPU would run, from DGEMMA_GRAPHS)."""
     if context <= 0 or batch <= 0 or prefill_chunk < 0:
         raise ValueError("context and batch must be positive, prefill_chunk not negative")
+    if graphs is None:
+        graphs = static_mode(torch.device("cuda")) == "graphs"
     canvas = config.canvas_length or 256
     return MemoryPlan(
         vram=vram, context=context, canvas=canvas, batch=batch,
@@ -263,8 +330,8 @@ def plan(
         experts_format=experts_format, dense_format=dense_format,
         weights=weight_bytes(meta_model(config), experts_format, dense_format),
         kv_detail=kv_cache_bytes(config, context, last_pass=canvas),
-        passes=pass_terms(config, context, batch, prefill_chunk),
-        cuda_context=cuda_context, prefix_cache_host=default_budget(torch.device("cuda")),
+        passes=pass_terms(config, context, batch, prefill_chunk, graphs),
+        cuda_context=cuda_context, prefix_cache_host=default_budget(torch.device("cuda")), graphs=graphs,
     )
 
 
@@ -304,7 +371,12 @@ def format_plan(p: MemoryPlan) -> str:
         lines.append(f"  {name.replace('_', ' '):<44}{gib(sum(terms.values()))}{mark}")
         for term, n in terms.items():
             lines.append(f"    {term:<42}{gib(n)}")
-    lines.append(f"prefix cache: in host memory ({p.prefix_cache_host / GIB:.2f} GiB budget), none on the GPU")
+    step = ("static decoder step with CUDA graphs (its buffers and graph pool above; DGEMMA_GRAPHS=0: "
+            "dynamic cache)" if p.graphs else "dynamic cache, no CUDA graphs (DGEMMA_GRAPHS=0)")
+    lines.append(f"decoder: {step}")
+    resident = (f"the most recent entry also on the GPU within {p.prefix_cache_device / GIB:.2f} GiB of the headroom"
+                if p.prefix_cache_device else "none on the GPU")
+    lines.append(f"prefix cache: in host memory ({p.prefix_cache_host / GIB:.2f} GiB budget), {resident}")
     lines.append(f"total{'':<41}{gib(p.total)}  of {p.vram / GIB:.2f} GiB")
     verdict = "fits" if p.fits else "does NOT fit"
     lines.append(f"{verdict}: headroom {(p.vram - p.total) / GIB:.2f} GiB for allocator fragmentation. "

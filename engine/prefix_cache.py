@@ -10,11 +10,23 @@ to spare, and copying an 8k-token prefix back (0.35 GiB) is far cheaper than enc
 Every stored tensor is a compact copy: a sliding-window layer's keys are a view into everything
 its last encoder pass produced (transformers keeps the window by slicing), so copying the view's
 storage, as deepcopy does, would keep the whole prompt while the budget counted only the window.
+
+Copies in both directions are asynchronous (``non_blocking``), on the current stream, the one the
+engine's encoder and decoder run on, so every kernel that reads a copy runs after it; host tensors
+are never read by the host, and PyTorch's pinned-memory allocator keeps a freed host block until the
+copies that use it are done, so evicting an entry mid-copy is safe too.
+
+Where the memory plan leaves room (``device_bytes``, from the plan's headroom on a GPU, 0 on the
+CPU), the most recently used entry also stays on the device, compact: a hit on it copies nothing.
+It shares its tensors with the cache handed out, which costs nothing until that cache grows:
+transformers' cache layers rebind their tensors on append, never write into them (as
+``denoise.expand_cache`` relies on too).
 """
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
@@ -39,22 +51,36 @@ def _cache_device(cache: DynamicCache) -> torch.device:
 
 def copy_cache(cache: DynamicCache, device: torch.device) -> DynamicCache:
     """A private copy of ``cache`` with every key and value tensor compacted onto ``device``."""
+    def compact(t: torch.Tensor) -> torch.Tensor:
+        pin = device.type == "cpu" and t.is_cuda
+        return torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin).copy_(t, non_blocking=True)
+    return _rebuild(cache, compact)
+
+
+def share_cache(cache: DynamicCache) -> DynamicCache:
+    """A cache of its own (layers, lengths) holding the same key and value tensors: no copy."""
+    return _rebuild(cache, lambda t: t)
+
+
+def _rebuild(cache: DynamicCache, tensor: Callable[[torch.Tensor], torch.Tensor]) -> DynamicCache:
     memo: dict[int, object] = {}
     for layer in cache.layers:
         if layer.is_initialized:
             for t in (layer.keys, layer.values):
                 if id(t) not in memo:
-                    pin = device.type == "cpu" and t.is_cuda
-                    memo[id(t)] = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin).copy_(t)
+                    memo[id(t)] = tensor(t)
     # deepcopy uses the pre-filled memo for the tensors and copies the layers' other state.
     return copy.deepcopy(cache, memo)
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, device_bytes: int = 0) -> None:
         self.max_bytes = max_bytes
+        self.device_bytes = device_bytes
         # ids -> (cache in host memory, its bytes, the device it came from and goes back to)
         self._entries: OrderedDict[tuple[int, ...], tuple[DynamicCache, int, torch.device]] = OrderedDict()
+        # The most recently used entry's ids and its cache on its device, when it fits device_bytes.
+        self._resident: tuple[tuple[int, ...], DynamicCache] | None = None
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -74,8 +100,17 @@ class PrefixCache:
             return None
         self.hits += 1
         self._entries.move_to_end(best)
-        entry, _, device = self._entries[best]
-        return best, copy_cache(entry, device)
+        if self._resident is not None and self._resident[0] == best:
+            return best, share_cache(self._resident[1])
+        entry, size, device = self._entries[best]
+        cache = copy_cache(entry, device)
+        self._keep(best, size, lambda: share_cache(cache))
+        return best, cache
+
+    @property
+    def resident(self) -> tuple[int, ...] | None:
+        """The ids of the entry held on the device too, if any."""
+        return None if self._resident is None else self._resident[0]
 
     def store(self, ids: list[int], cache: DynamicCache) -> None:
         key = tuple(ids)
@@ -89,7 +124,14 @@ class PrefixCache:
         while self.bytes > self.max_bytes:
             _, (_, evicted, _) = self._entries.popitem(last=False)
             self.bytes -= evicted
+        self._keep(key, size, lambda: copy_cache(cache, _cache_device(cache)))
+
+    def _keep(self, key: tuple[int, ...], size: int, resident: Callable[[], DynamicCache]) -> None:
+        """Make ``key`` the resident entry (``resident()``: its compact cache on the device), or none
+        when it is over the budget: the previous one goes either way, as it is no longer the most recent."""
+        self._resident = (key, resident()) if size <= self.device_bytes else None
 
     def clear(self) -> None:
         self._entries.clear()
+        self._resident = None
         self.bytes = 0

@@ -1,13 +1,17 @@
-"""A decoder step with static shapes, for torch.compile and CUDA graphs.
+"""A decoder step with static shapes, for torch.compile and CUDA graphs; the engine's decoder.
 
 Everything one step reads has a shape fixed by (row bucket, canvas length, KV capacity):
 
 * the prefix KV is copied, once per canvas, into buffers preallocated per layer
   ([1, kv heads, capacity, head dim]; a sliding-window layer holds at most ``sliding_window - 1``
-  tokens, as transformers' cache does), left-aligned, the unused slots masked out;
+  tokens, as transformers' cache does), left-aligned, the unused slots masked out. This is a second
+  copy of the prefix beside the engine's transformers cache, which the encoder keeps extending and
+  the prefix cache stores; the memory plan counts it (engine/plan.py);
 * the attention masks ([1, 1, canvas, capacity + canvas] per attention kind) and the canvas
   positions are buffers too, rewritten in place by ``load``;
-* rows are padded to a bucket of 1, 2, 4 or 8 (more rows run eight at a time);
+* rows are padded to a bucket of 1, 2, 4 or 8 (more rows run eight at a time); each bucket's
+  inputs (canvas, self-conditioning logits and mask) are buffers made on its first use, so a graph
+  reads them where they are instead of copying them into its own;
 * self-conditioning is always passed: on the first step as zeros with a per-row mask that zeroes
   the signal, which is exactly what the model does with no self-conditioning logits. So every step of
   a canvas, the first included, is the same computation.
@@ -16,12 +20,15 @@ Everything one step reads has a shape fixed by (row bucket, canvas length, KV ca
 ``model`` and is called with the same keywords, ignoring the ``cache`` and positions it is given
 (call ``load(cache)`` with the prefix first; a prefix of another length is an error). With
 ``compile=True`` the step goes through ``torch.compile(fullgraph=True, dynamic=False)``: one graph
-per bucket, no graph break (tested on the tiny test model on a CPU). On CUDA with
-``DGEMMA_GRAPHS=1`` it is compiled in "reduce-overhead" mode, which captures one CUDA graph per
-bucket, the prefix buffers marked as static addresses so a replay does not copy them; its logits
-are cloned out of the graph's pool. That path needs a GPU and has not run here.
+per bucket, no graph break (tested on the tiny test model on a CPU). With ``graphs=True`` (CUDA
+only) it is compiled in "reduce-overhead" mode, which captures one CUDA graph per bucket on the
+bucket's first step, every buffer marked as a static address so a replay copies none of them; its
+logits are cloned out of the graph's pool. That path needs a GPU and has not run here.
 
-The engine does not use this yet (it keeps transformers' dynamic cache).
+The engine (``Engine._decode_canvas``) decodes through it as ``static_mode`` says: on CUDA by
+default with graphs (``DGEMMA_GRAPHS=0`` keeps transformers' dynamic cache); on the CPU only with
+``DGEMMA_GRAPHS=1``, and then eager, since there is no graph to capture and compiling a real model
+takes minutes per bucket on a CPU. ``Engine.generate`` (a batch of prompts, no pins) stays dynamic.
 """
 from __future__ import annotations
 
@@ -31,6 +38,8 @@ from types import SimpleNamespace
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from dgemma.errors import DgemmaError
 
 BUCKETS = (1, 2, 4, 8)
 
@@ -43,17 +52,25 @@ def bucket(rows: int) -> int:
     raise ValueError(f"{rows} rows: at most {BUCKETS[-1]} run in one step")
 
 
-def graphs_enabled(device: torch.device) -> bool:
-    value = os.environ.get("DGEMMA_GRAPHS", "0").strip()
+def static_mode(device: torch.device) -> str | None:
+    """How the engine runs its decoder step, from ``DGEMMA_GRAPHS``: "graphs" (static step, one
+    CUDA graph per bucket), "eager" (static step, uncompiled) or None (the model on transformers'
+    dynamic cache). Unset means "graphs" on CUDA and None on the CPU; 1 means "graphs" on CUDA and
+    "eager" on the CPU; 0 means None. Read once, when an engine is made, so a bad value fails there."""
+    value = os.environ.get("DGEMMA_GRAPHS", "").strip()
     if value not in ("0", "1", ""):
-        raise ValueError(f"DGEMMA_GRAPHS={value!r} is not 0 or 1")
-    return value == "1" and device.type == "cuda"
+        raise DgemmaError("invalid_params", f"DGEMMA_GRAPHS={value!r}: set it to 1 (static decoder step, "
+                          "CUDA graphs on a GPU) or 0 (dynamic cache), or leave it unset.")
+    if value == "0" or (value == "" and device.type != "cuda"):
+        return None
+    return "graphs" if device.type == "cuda" else "eager"
 
 
 class StaticStep:
     """One decoder forward with static shapes over a loaded prefix (see the module docstring)."""
 
-    def __init__(self, model, capacity: int, compile: bool = False, backend: str = "inductor") -> None:
+    def __init__(self, model, capacity: int, compile: bool = False, graphs: bool = False,
+                 backend: str = "inductor") -> None:
         self.wrapped = model
         self.config = model.config
         self.model = model.model
@@ -79,25 +96,33 @@ class StaticStep:
                       for kind, cap in self.capacity.items()}
         self.positions = torch.zeros(1, c, dtype=torch.long, device=self.device)
         self.prefix_length: int | None = None
-        self.graphs = graphs_enabled(self.device)
+        if graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA model, this one is on {self.device}")
+        self.graphs = graphs
         if self.graphs:
             for tensor in [*self.keys, *self.values, *self.masks.values(), self.positions]:
                 torch._dynamo.mark_static_address(tensor)
         # One cache object per bucket: views of the buffers, widened to the bucket's rows.
         self.caches = {size: self._cache(size) for size in BUCKETS}
+        # Each bucket's inputs, made on its first step: (canvas, self-conditioning logits, mask).
+        self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.forward = self._forward
         if compile or self.graphs:
             mode = "reduce-overhead" if self.graphs else None
             self.forward = torch.compile(self._forward, fullgraph=True, dynamic=False, mode=mode, backend=backend)
 
     def _cache(self, rows: int) -> DynamicCache:
-        cache = DynamicCache.__new__(DynamicCache)
-        cache.__dict__.update(DynamicCache(config=self.config.text_config).__dict__)
+        # Plain layers over the buffers, as `denoise.expand_cache` builds them: the masks, not the
+        # cache, say which slots hold the prefix, so a sliding layer needs no window bookkeeping here.
+        cache = DynamicCache()
         cache.layers = []
         for keys, values in zip(self.keys, self.values):
             layer = DynamicLayer()
             layer.keys, layer.values = keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)
-            layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
+            layer.device, layer.is_initialized = keys.device, True
+            if self.graphs:  # the views are what the graph reads, and a view is not marked with its base
+                torch._dynamo.mark_static_address(layer.keys)
+                torch._dynamo.mark_static_address(layer.values)
             cache.layers.append(layer)
         return cache
 
@@ -138,16 +163,34 @@ class StaticStep:
                       for i in range(0, rows, BUCKETS[-1])]
             return torch.cat(chunks)
         size = bucket(rows)
-        padded = canvas.new_zeros(size, self.canvas_length)
+        padded, sc, sc_mask = self._inputs(size)
+        # Padding rows keep whatever they last held: rows are independent, their logits are dropped
+        # and their self-conditioning is masked off.
         padded[:rows] = canvas
-        sc = torch.zeros(size, self.canvas_length, self.vocab, dtype=self.dtype, device=self.device)
-        sc_mask = torch.zeros(size, dtype=torch.bool, device=self.device)
-        if sc_logits is not None:
+        sc_mask.zero_()
+        if sc_logits is None:
+            sc.zero_()  # masked off too; zeroed so the first step reads what a fresh canvas would
+        else:
             sc[:rows] = sc_logits
             sc_mask[:rows] = True
+        if self.graphs:
+            # Each step is a new run of the graphs: the last replay's output was cloned and is dead.
+            torch.compiler.cudagraph_mark_step_begin()
         logits = self.forward(padded, sc, sc_mask)
         # A first-dimension slice stays contiguous; a CUDA graph's output is overwritten by its next replay.
         return logits[:rows].clone() if self.graphs else logits[:rows]
+
+    def _inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if size not in self.inputs:
+            c = self.canvas_length
+            inputs = (torch.zeros(size, c, dtype=torch.long, device=self.device),
+                      torch.zeros(size, c, self.vocab, dtype=self.dtype, device=self.device),
+                      torch.zeros(size, dtype=torch.bool, device=self.device))
+            if self.graphs:
+                for tensor in inputs:
+                    torch._dynamo.mark_static_address(tensor)
+            self.inputs[size] = inputs
+        return self.inputs[size]
 
     def __call__(self, *, decoder_input_ids: torch.Tensor, self_conditioning_logits: torch.Tensor | None = None,
                  cache: DynamicCache | None = None, decoder_position_ids: torch.Tensor | None = None,

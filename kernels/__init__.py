@@ -22,7 +22,7 @@ __all__ = ["w4a16_matmul", "moe_w4a16", "use_triton", "w4a16_matmul_ref", "moe_w
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
-    except Exception:
+    except Exception:  # deliberate: a Triton that fails to import in any way means the torch path
         return False
     return True
 

@@ -44,18 +44,20 @@ class Backend(Protocol):
                    sampler: dict[str, Any] | None = None) -> FillResult: ...
 
 
-# Load errors the daemon answers every fill with until its model is fixed.
-LOAD_ERRORS = ("model_missing",)
+# Errors the daemon answers every fill with until its model (or, in remote mode, the team server)
+# is fixed: said once, and automatic requests pause for retry_after_s.
+LOAD_ERRORS = ("model_missing", "remote_unavailable")
+# Of those, the ones a request meets while the daemon itself is ready: only a request that
+# succeeds says "ready" again (else each explicit request would show the failure anew).
+REQUEST_ERRORS = ("remote_unavailable",)
 
 
 class DaemonBackend:
     """One asyncio connection to the daemon, shared by every request of this server."""
 
-    def __init__(self, on_state: StateCallback | None = None, retry_after_s: float = 30.0,
-                 poll_s: float = 0.2) -> None:
+    def __init__(self, on_state: StateCallback | None = None, retry_after_s: float = 30.0) -> None:
         self.on_state = on_state
         self.retry_after_s = retry_after_s
-        self.poll_s = poll_s
         self.state = "stopped"  # stopped | starting | loading | ready | error
         self.error: DgemmaError | None = None
         self.model: str | None = None
@@ -85,7 +87,7 @@ class DaemonBackend:
 
     async def ensure_ready(self) -> Any:
         """The connected client once the daemon's model is loaded; raises DgemmaError."""
-        from dgemma.daemon.client import AsyncClient, daemon_answers
+        from dgemma.daemon.client import AsyncClient, ModelLoadFailed, daemon_answers
 
         async with self._lock:
             client = self._client
@@ -101,24 +103,20 @@ class DaemonBackend:
                     raise await self._fail(DgemmaError(exc.code, exc.message)) from None
                 self._client = client
             try:
-                info = await client.request("status")
-                announced = False
-                while info.get("state") == "loading":
-                    if not announced:
-                        await self._emit("loading", "Loading the model")
-                        announced = True
-                    await asyncio.sleep(self.poll_s)
-                    info = await client.request("status")
+                info = await client.wait_loaded(on_loading=lambda: self._emit("loading", "Loading the model"))
+            except ModelLoadFailed as exc:  # the daemon stays up: keep the connection, ask again later
+                raise await self._fail(DgemmaError(exc.code, exc.message)) from None
             except DgemmaError as exc:
                 self._client = None
                 raise await self._fail(DgemmaError(exc.code, exc.message)) from None
-            if info.get("state") == "error":
-                msg = info.get("load_error") or "the daemon could not load its model"
-                raise await self._fail(DgemmaError("model_missing", f"dgemma: {msg}"))
             self.model = info.get("model")
-            self.error = None
-            await self._emit("ready", f"Model {self.model or ''} ready".replace("  ", " "), model=self.model)
+            if self.error is None or self.error.code not in REQUEST_ERRORS:
+                await self._ready()
             return client
+
+    async def _ready(self) -> None:
+        self.error = None
+        await self._emit("ready", f"Model {self.model or ''} ready".replace("  ", " "), model=self.model)
 
     async def _request(self, method: str, params: dict[str, Any]) -> FillResult:
 
@@ -134,6 +132,8 @@ class DaemonBackend:
             elif exc.code in LOAD_ERRORS:
                 raise await self._fail(err) from None
             raise err from None
+        if self.error is not None:  # the failure that stood is over (remote mode: the team server is back)
+            await self._ready()
         comps = res.get("completions") or [{"text": ""}]
         return FillResult(text=str(comps[0].get("text", "")), ms=float(res.get("ms", 0.0)),
                           steps=int(res.get("steps", 0)), model=res.get("model"),

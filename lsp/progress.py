@@ -64,7 +64,7 @@ class StateReporter:
             token = f"dgemma-{uuid.uuid4().hex[:8]}"
             try:
                 await asyncio.wait_for(self.ls.work_done_progress.create_async(token), 5.0)
-            except Exception:
+            except Exception:  # deliberate: a timeout or the client's error reply; progress is optional
                 log.debug("client refused a progress token", exc_info=True)
                 return
             self._token = token

@@ -26,7 +26,7 @@ from dgemma.lsp.context import RingBuffer, build_prompt, language_of, offset_at,
 from dgemma.lsp.progress import StateReporter
 from dgemma.lsp.settings import Settings
 from dgemma.lsp.transport import DgemmaProtocol, serve_stdio
-from dgemma.lsp.triggers import Debouncer, should_trigger
+from dgemma.lsp.triggers import Debouncer, Latest, should_trigger
 
 log = logging.getLogger("dgemma.lsp")
 
@@ -42,15 +42,13 @@ class DgemmaLanguageServer(LanguageServer):
         self.settings = Settings()
         self.ring = RingBuffer(self.settings.ring_size)
         self.cache = CompletionCache()
-        self.debouncer = Debouncer(self.settings.debounce_ms / 1000)
+        # Which completion request is the newest per document; older ones stop (their daemon request too).
+        self.latest = Latest()
+        self.debouncer = Debouncer(self.settings.debounce_ms / 1000, self.latest)
         self.reporter = StateReporter(self)
         self.backend: Backend = backend or DaemonBackend(on_state=self.reporter.on_state)
         self.languages: dict[str, str] = {}
         self.root: str | None = None
-        # The daemon request serving the latest completion per document, so a
-        # newer one (or $/cancelRequest) can cancel it end to end.
-        self.inflight: dict[str, asyncio.Task[Any]] = {}
-        self.superseded: set[asyncio.Task[Any]] = set()
 
     def start_io(self, stdin: Any = None, stdout: Any = None) -> None:
         """Serve on stdio with dgemma's reader (lsp/transport.py): message size limit, framing
@@ -134,36 +132,19 @@ def did_close(ls: DgemmaLanguageServer, params: types.DidCloseTextDocumentParams
     uri = params.text_document.uri
     ls.ring.forget(uri)
     ls.languages.pop(uri, None)
-    task = ls.inflight.pop(uri, None)
-    if task is not None:
-        task.cancel()
+    ls.latest.forget(uri)
 
 
 # ---- completions ----------------------------------------------------------------------
 
-def _supersede(ls: DgemmaLanguageServer, uri: str) -> int:
-    """A new completion request for ``uri``: every older one is stale. Returns its generation.
-
-    The daemon also supersedes by `document`, but only when a new fill reaches
-    it; a request answered from the cache or skipped would leave the old one
-    running, and its late answer on screen.
-    """
-    gen = ls.debouncer.bump(uri)
-    old = ls.inflight.pop(uri, None)
-    if old is not None and not old.done():
-        ls.superseded.add(old)
-        old.cancel()
-    return gen
-
-
 async def _complete(ls: DgemmaLanguageServer, uri: str, position: types.Position, automatic: bool) -> str | None:
     """The cleaned middle at ``position``, or None (skipped, superseded, failed)."""
     t0 = time.monotonic()
-    gen = _supersede(ls, uri)
+    gen = ls.latest.begin(uri)  # every older request for this document is stale now
     try:
         doc = ls.workspace.get_text_document(uri)
-        text = doc.source
-    except Exception:
+        text = doc.source  # read from disk when the editor never opened it
+    except (OSError, ValueError):  # no such file (an unsaved buffer's URI), not UTF-8
         return None
     offset = offset_at(text, position.line, position.character)
     line_start = text.rfind("\n", 0, offset) + 1
@@ -187,29 +168,16 @@ async def _complete(ls: DgemmaLanguageServer, uri: str, position: types.Position
         return None
 
     # The daemon cleans the middle (engine/postprocess.py), as it does for `dgemma fill`.
-    task = asyncio.ensure_future(ls.backend.fill(
-        prompt.prefix, prompt.suffix, document=uri, max_tokens=max_tokens,
-        n=s.n, seed=s.seed, sampler=s.sampler, max_lines=s.max_lines_automatic if automatic else None,
-    ))
-    ls.inflight[uri] = task
     try:
-        result = await asyncio.shield(task)
-    except asyncio.CancelledError:
-        if task in ls.superseded:
-            # A newer request for this document took over: answer "nothing"
-            # rather than an error the client would log.
-            ls.superseded.discard(task)
-            return None
-        # $/cancelRequest from the client (or a closed document): stop the model too.
-        task.cancel()
-        raise
+        result = await ls.latest.run(uri, gen, ls.backend.fill(
+            prompt.prefix, prompt.suffix, document=uri, max_tokens=max_tokens,
+            n=s.n, seed=s.seed, sampler=s.sampler, max_lines=s.max_lines_automatic if automatic else None,
+        ))
     except DgemmaError as exc:
-        if exc.code not in ("superseded", "cancelled"):
-            ls.reporter.request_failed(exc)
+        ls.reporter.request_failed(exc)
         return None
-    finally:
-        if ls.inflight.get(uri) is task:
-            del ls.inflight[uri]
+    if result is None:  # stopped early: a newer request for this document took over
+        return None
     middle = result.text
     # For `dgemma.status` and bench/lsp.py: the engine's share of this request.
     ls.reporter.last_fill = {"engine_ms": result.ms, "queue_ms": result.queue_ms, "steps": result.steps,
@@ -218,7 +186,7 @@ async def _complete(ls: DgemmaLanguageServer, uri: str, position: types.Position
     ls.cache.put(prompt.window_prefix, prompt.suffix, middle, max_tokens)
     # A newer request came in after the daemon answered, before this coroutine ran
     # again (too late to cancel the fill): the answer no longer fits the editor.
-    if not ls.debouncer.is_current(uri, gen):
+    if not ls.latest.is_current(uri, gen):
         return None
     return middle or None
 

@@ -52,7 +52,7 @@ class InvalidRequest:
 def _describe(exc: Exception) -> str:
     try:
         parts = cattrs.transform_error(exc) if isinstance(exc, cattrs.BaseValidationError) else [str(exc)]
-    except Exception:
+    except Exception:  # deliberate: describing an error must not raise one
         parts = [str(exc)]
     text = "; ".join(parts) or type(exc).__name__
     return text if len(text) <= 300 else text[:300] + "..."
@@ -67,7 +67,7 @@ class DgemmaProtocol(LanguageServerProtocol):
             try:
                 kind = (self.get_message_type(method) if isinstance(method, str) else None) or JsonRPCRequestMessage
                 return self._converter.structure(data, kind)
-            except Exception as exc:
+            except Exception as exc:  # deliberate: cattrs raises many kinds, and every request gets a response
                 return InvalidRequest(data.get("id"), method, _describe(exc))
         return super().structure_message(data)
 
@@ -240,12 +240,12 @@ async def read_messages(source: Input, protocol: JsonRPCProtocol, stop_event: th
         except JsonRpcException as exc:  # a notification (or response) that does not deserialize: no reply is due
             framing.problem("bad-message", f"a message that does not deserialize ({exc!r:.200}); ignored")
             continue
-        except Exception:
+        except Exception:  # deliberate: the server never dies of its input
             log.exception("cannot read an LSP message")
             continue
         try:
             protocol.handle_message(message)
-        except Exception:
+        except Exception:  # deliberate: nor of one handler's bug
             log.exception("cannot handle an LSP message")
 
 

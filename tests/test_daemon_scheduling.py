@@ -9,56 +9,27 @@ import asyncio
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dgemma.daemon.client import AsyncClient
+from dgemma.daemon.client import AsyncClient, ModelLoadFailed
 from dgemma.daemon.config import Config, load_config
 from dgemma.errors import DgemmaError
+from dgemma.engine.api import Completion, Draft, Result
 from dgemma.engine.prefix_cache import PrefixCache
 from dgemma.daemon.server import Server
 from test_daemon_util import short_tmp
 
 
-@dataclass
-class _C:
-    text: str
-    score: float = 0.0
-    agreement: float = 0.0
-
-
-@dataclass
-class _R:
-    completions: list
-    steps: int
-    ms: float = 1.0
-    cached_tokens: int = 0
-    prompt_tokens: int = 0
-    canvases: int = 1
-
-
-@dataclass
-class _D:
-    text: str
-    step: int
-    canvas: int = 0
-
-
-class _Loaded:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.device = "cpu"
-
-
 class FakeEngine:
-    """Steps until cancelled; a prefix starting with "gate" holds the worker until
-    `gate` is set, so tests can line requests up behind it."""
+    """An `api.FillEngine` that steps until cancelled; a prefix starting with "gate" holds the worker
+    until `gate` is set, so tests can line requests up behind it."""
 
     def __init__(self, name: str = "fake") -> None:
-        self.loaded = _Loaded(name)
+        self.model_name = name
+        self.device = "cpu"
         self.prefix_cache = PrefixCache(1 << 20)
         self.order: list[str] = []
         self.gate = threading.Event()
@@ -67,7 +38,7 @@ class FakeEngine:
 
     def fill(self, prefix: str, suffix: str, *, n: int = 1, max_tokens: int = 256, seed: Any = None,
              settings: Any = None, on_step: Any = None, cancel: Any = None, deadline: Any = None,
-             **_: Any) -> _R:
+             **_: Any) -> Result:
         if prefix == "boom":
             raise RuntimeError("kaboom")
         if prefix == "oom":
@@ -84,13 +55,17 @@ class FakeEngine:
                 self.cancel_seen.append(prefix)
                 raise DgemmaError("cancelled", "cancelled")
             if on_step is not None:
-                on_step(_D(f"{prefix}:{step}", step))
+                on_step(Draft(f"{prefix}:{step}", step, canvas=0))
             time.sleep(0.002)
         self.order.append(prefix)
-        return _R([_C(prefix.upper())], steps)
+        return Result([_completion(prefix.upper())], steps=steps, canvases=1, ms=1.0)
 
-    def edit(self, prefix: str, selection: str, suffix: str, instruction: str, **kw: Any) -> _R:
+    def edit(self, prefix: str, selection: str, suffix: str, instruction: str, **kw: Any) -> Result:
         return self.fill(prefix + selection, suffix, **kw)
+
+
+def _completion(text: str) -> Completion:
+    return Completion(text=text, score=0.0, agreement=0.0, fit=None, tokens=len(text), finished=True)
 
 
 @pytest.fixture
@@ -271,8 +246,49 @@ async def test_model_load_failure_is_reported_and_daemon_serves():
         assert exc.value.code == "model_missing" and "/nowhere" in exc.value.message
         st = await c.request("status")
         assert st["state"] == "error" and "/nowhere" in st["load_error"]
+        with pytest.raises(ModelLoadFailed) as failed:  # what every client waits by (client.model_loaded)
+            await c.wait_loaded()
+        assert failed.value.code == "model_missing" and failed.value.message == st["load_error"]
         assert (await c.request("ping"))["pong"]
     finally:
+        await c.close()
+        await server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_clients_wait_for_a_loading_model():
+    """The async client waits out a slow first load, announcing it once; the sync one then finds it loaded."""
+    from dgemma.daemon.client import Client
+
+    root = short_tmp("dgs-")
+    release = threading.Event()
+
+    def slow(config, spec, device):
+        release.wait(10)
+        return FakeEngine()
+
+    server = Server(Config(), socket=root / "run" / "d.sock", config_file=root / "cfg" / "config.toml",
+                    engine_factory=slow)
+    await server.start()
+    c = await _client(server.socket)
+    announced = []
+
+    async def on_loading() -> None:
+        announced.append(True)
+        release.set()
+
+    try:
+        st = await asyncio.wait_for(c.wait_loaded(on_loading=on_loading), 10)
+        assert st["state"] == "ready" and st["model"] == "fake" and announced == [True]
+        calls: list[bool] = []
+
+        def sync_wait() -> dict:  # on a thread: this test's loop serves the daemon
+            with Client.connect(server.socket, timeout=10) as sync:
+                return sync.wait_loaded(lambda: calls.append(True))
+        st = await asyncio.to_thread(sync_wait)
+        assert st["state"] == "ready" and calls == []  # loaded already: nothing to announce
+    finally:
+        release.set()
         await c.close()
         await server.stop()
         shutil.rmtree(root, ignore_errors=True)

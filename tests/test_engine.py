@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dgemma.engine.canvas import line_drafts, plan_rows, slot_candidates
-from dgemma.engine.denoise import denoise, encode
+from dgemma.engine.denoise import denoise, encode, expand_cache
 from dgemma.engine.engine import Engine
 from dgemma.errors import DgemmaError
-from dgemma.engine.loading import load_model
+from dgemma.engine.loading import load_model, resolve_model_path
 from dgemma.engine.settings import SamplerSettings
 from transformers import DynamicCache
 
@@ -76,6 +76,33 @@ def test_pinned_positions_never_change(engine: Engine) -> None:
     assert torch.equal(out.argmax[plan.pinned], plan.tokens[plan.pinned])
     assert plan.tokens[0, 4:8].tolist() == [101, 102, 103, engine.eos_id]
     assert plan.tokens[2, 12:].tolist() == [101, 102, 103, engine.eos_id]
+
+
+def test_expanded_cache_shares_the_prefix_between_rows(engine: Engine) -> None:
+    """expand_cache widens a batch-1 prefix to a canvas batch without copying it (also past a sliding
+    layer's window), decodes as each row alone would, and appending to it leaves the original as it was."""
+    model = engine.model
+    cache = DynamicCache(config=engine.text_config)
+    with torch.no_grad():
+        encode(model, torch.randint(3, 512, (1, 40), generator=torch.Generator().manual_seed(0)), cache)
+        wide = expand_cache(cache, 3)
+        assert [type(w) for w in wide.layers] == [type(layer) for layer in cache.layers]
+        assert any(layer.keys.shape[-2] < 40 for layer in cache.layers)  # a sliding layer holds the window
+        for layer, w in zip(cache.layers, wide.layers):
+            assert w.keys.shape[0] == w.values.shape[0] == 3 and w.get_seq_length() == layer.get_seq_length()
+            assert w.keys.data_ptr() == layer.keys.data_ptr() and w.values.data_ptr() == layer.values.data_ptr()
+        canvas = torch.randint(0, 512, (3, engine.canvas_length), generator=torch.Generator().manual_seed(1))
+        positions = torch.arange(40, 40 + engine.canvas_length)[None]
+        rows = model(decoder_input_ids=canvas, cache=wide, decoder_position_ids=positions).logits
+        for i in range(3):
+            alone = model(decoder_input_ids=canvas[i:i + 1], cache=expand_cache(cache, 1),
+                          decoder_position_ids=positions).logits
+            torch.testing.assert_close(rows[i:i + 1], alone, rtol=1e-4, atol=1e-4)
+        before = [(layer.keys.clone(), layer.get_seq_length()) for layer in cache.layers]
+        encode(model, canvas, wide)
+        assert wide.get_seq_length() == 40 + engine.canvas_length
+        for layer, (keys, length) in zip(cache.layers, before):
+            assert torch.equal(layer.keys, keys) and layer.get_seq_length() == length
 
 
 def test_slot_candidates_fit_the_canvas() -> None:
@@ -225,6 +252,28 @@ def test_missing_model_is_one_clear_sentence(tmp_path) -> None:
     assert "google/diffusiongemma-26B-A4B-it" in err.value.message and "\n" not in err.value.message
     with pytest.raises(DgemmaError):
         load_model(tmp_path)
+
+
+def test_a_broken_hub_cache_entry_is_not_reported_missing(tmp_path, monkeypatch) -> None:
+    """A model the offline Hugging Face cache holds only part of says so, with what failed."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(DgemmaError, match="is not on this machine"):
+        resolve_model_path("someone/absent")
+    with pytest.raises(DgemmaError, match="is not on this machine"):
+        resolve_model_path("not a/model id")
+    repo = tmp_path / "models--someone--partial"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")  # the snapshot it names never arrived
+    with pytest.raises(DgemmaError, match="only partly in the Hugging Face cache") as err:
+        resolve_model_path("someone/partial")
+    assert err.value.code == "model_missing" and "snapshot" in err.value.message
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)  # the snapshot, without its files
+    with pytest.raises(DgemmaError, match="download is incomplete: there is no config.json"):
+        resolve_model_path("someone/partial")
+    (repo / "snapshots" / "0123abcd" / "config.json").write_text("{}")
+    assert resolve_model_path("someone/partial") == repo / "snapshots" / "0123abcd"
 
 
 text = st.text(alphabet=st.characters(codec="utf-8"), max_size=60) | st.sampled_from(

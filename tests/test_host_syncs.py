@@ -39,6 +39,7 @@ from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
 from dgemma.engine.denoise import denoise, encode, expand_cache
 from dgemma.engine.settings import SamplerSettings
+from dgemma.engine.static_step import StaticStep
 from dgemma.kernels.hostsync import SyncCounter, sync_reason
 from dgemma.quant.meta import load_config, meta_model, with_meta_quantized_experts
 from tiny import tiny_config
@@ -248,3 +249,19 @@ def test_kernel_compiles_for_an_h100_without_one(moe: bool, fuse_gate: bool, mul
     assert kernel.asm["cubin"]
     # The MoE kernel returns early for unused blocks: a second return besides the one at the end.
     assert kernel.asm["ttir"].count("tt.return") == (2 if moe else 1)
+
+
+def test_static_step_loads_and_steps_without_a_sync(tiny_model) -> None:
+    """The engine's decoder step on a GPU (engine/static_step.py): loading the prefix into its
+    buffers and stepping 3 rows padded to a bucket of 4 add no sync to the loop's."""
+    cache = DynamicCache(config=tiny_model.config.text_config)
+    with torch.no_grad():
+        encode(tiny_model, torch.randint(3, 512, (1, 40), generator=torch.Generator().manual_seed(0)), cache)
+    canvas = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(1))
+    step = StaticStep(tiny_model, capacity=64)
+    settings = SamplerSettings(max_denoising_steps=3, confidence_threshold=1e-30)
+    with SyncCounter() as counter:
+        step.load(cache)
+        out = denoise(step, cache, canvas, torch.zeros_like(canvas, dtype=torch.bool), settings,
+                      torch.Generator().manual_seed(2))
+    assert out.steps == 3 and sum(counter.syncs.values()) == out.steps + 1, counter.report()

@@ -1,5 +1,5 @@
 """The folders read as the data path and imports run one way: kernels <- quant <- engine <- daemon
-<- cli, lsp (docs/architecture.md). A module may import its own layer and the ones below it, and
+<- cluster <- cli, and daemon <- lsp (docs/architecture.md). A module may import its own layer and the ones below it, and
 every layer may import `dgemma.quant.formats`: the 4-bit data layout itself, which the kernels
 compute on and which imports nothing of dgemma's but its errors."""
 from __future__ import annotations
@@ -17,8 +17,9 @@ BELOW = {
     "quant": {"kernels"},
     "engine": {"quant", "kernels"},
     "daemon": {"engine", "quant", "kernels"},
+    "cluster": {"daemon", "engine", "quant", "kernels"},
     "lsp": {"daemon", "engine"},
-    "cli": {"lsp", "daemon", "engine", "quant", "kernels"},
+    "cli": {"lsp", "cluster", "daemon", "engine", "quant", "kernels"},
 }
 
 

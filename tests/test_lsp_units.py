@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from dgemma.errors import DgemmaError
 from dgemma.lsp.cache import CompletionCache
 from dgemma.lsp.context import (ALIGN_LINES, CHARS_PER_TOKEN, Budget, RingBuffer, build_prompt, comment_prefix,
                                 offset_at, position_at, window)
 from dgemma.lsp.settings import Settings
-from dgemma.lsp.triggers import Debouncer, should_trigger
+from dgemma.lsp.triggers import Debouncer, Latest, should_trigger
 
 
 def _doc(n: int) -> str:
@@ -119,12 +122,48 @@ def test_triggers() -> None:
 
 
 async def test_debouncer_latest_wins() -> None:
-    d = Debouncer(0.02)
-    g1 = d.bump("doc")
-    g2 = d.bump("doc")
+    latest = Latest()
+    d = Debouncer(0.02, latest)
+    g1 = latest.begin("doc")
+    g2 = latest.begin("doc")
     r1, r2 = await asyncio.gather(d.settle("doc", g1), d.settle("doc", g2))
     assert (r1, r2) == (False, True)
-    assert await d.settle("other", d.bump("other"), 0)
+    assert await d.settle("other", latest.begin("other"), 0)
+
+
+async def test_latest_stops_older_requests_of_a_document() -> None:
+    latest = Latest()
+    gate = asyncio.Event()
+
+    async def daemon_request(answer: str) -> str:
+        await gate.wait()
+        return answer
+
+    old = latest.begin("doc")
+    running = asyncio.ensure_future(latest.run("doc", old, daemon_request("old")))
+    await asyncio.sleep(0)
+    new = latest.begin("doc")  # supersedes: the old daemon request is cancelled, its caller gets None
+    assert await running is None and not latest.is_current("doc", old)
+    gate.set()
+    assert await latest.run("doc", new, daemon_request("new")) == "new"
+
+    async def stopped(code: str) -> str:
+        raise DgemmaError(code, "stopped")
+
+    assert await latest.run("doc", new, stopped("superseded")) is None  # the daemon's word for it
+    with pytest.raises(DgemmaError):
+        await latest.run("doc", new, stopped("internal"))
+
+    # The request itself cancelled ($/cancelRequest): the daemon request stops and the caller sees it.
+    gate.clear()
+    inner = asyncio.ensure_future(daemon_request("x"))
+    outer = asyncio.ensure_future(latest.run("doc", new, inner))
+    await asyncio.sleep(0)
+    outer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await outer
+    await asyncio.sleep(0)
+    assert inner.cancelled()
 
 
 def test_settings_merge() -> None:

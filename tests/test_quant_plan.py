@@ -18,7 +18,7 @@ from dgemma.engine.prefix_cache import PrefixCache, cache_bytes
 from dgemma.engine.settings import SamplerSettings
 from dgemma.cli.quant import register
 from dgemma.quant.meta import load_config
-from dgemma.engine.plan import GIB, kv_cache_bytes, parse_bytes, pass_terms, plan
+from dgemma.engine.plan import GIB, kv_cache_bytes, parse_bytes, pass_terms, plan, static_step_terms
 from tiny import tiny_config
 
 MIB = 1 << 20
@@ -31,7 +31,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def plan_18g(config):
-    return plan(config, parse_bytes("18GiB"), context=8192)
+    return plan(config, parse_bytes("18GiB"), context=8192, graphs=False)
 
 
 def test_shipped_config_matches_the_26b_a4b(config):
@@ -59,6 +59,25 @@ def test_26b_fits_18gib_at_8k_with_nvfp4_experts(plan_18g):
     assert sum(decode.values()) - decode["kv cache"] < 0.9 * GIB
     # The CUDA context is stated on top of the budget, not hidden in it.
     assert p.gpu_total == p.total + p.cuda_context and p.cuda_context >= 0.5 * GIB
+
+
+def test_cuda_graphs_add_the_static_step_to_both_passes(config, plan_18g, monkeypatch):
+    monkeypatch.delenv("DGEMMA_GRAPHS", raising=False)
+    graphs = plan(config, parse_bytes("18GiB"), context=8192)  # as an engine on a GPU runs by default
+    assert graphs.graphs and graphs.weights == plan_18g.weights
+    static = static_step_terms(config, 8192)
+    for name, terms in graphs.passes.items():
+        assert static.items() <= terms.items(), name
+    # The buffers are a second copy of the prefix, the window's for a sliding layer; the pool holds
+    # at least the softcap's two fp32 logits of the bucket's one row.
+    assert static["static step: kv buffers"] >= sum(kv_cache_bytes(config, 8192).values())
+    assert static["static step: graph pool (estimate)"] >= 2 * 256 * 262144 * 4
+    prefill = graphs.passes["prompt_prefill"]
+    assert sum(prefill.values()) == sum(plan_18g.passes["prompt_prefill"].values()) + sum(static.values())
+    # The README's figure: 18.46 GiB, over the 18 GiB target (DGEMMA_GRAPHS=0 fits, plan_18g).
+    assert 18.4 * GIB < graphs.total < 18.5 * GIB and not graphs.fits and graphs.prefix_cache_device == 0
+    monkeypatch.setenv("DGEMMA_GRAPHS", "0")
+    assert not plan(config, parse_bytes("18GiB")).graphs
 
 
 def test_whole_prompt_in_one_pass_would_not_fit(config):
@@ -177,7 +196,8 @@ def test_parse_bytes():
         parse_bytes("lots")
 
 
-def test_plan_cli_json_and_errors():
+def test_plan_cli_json_and_errors(monkeypatch):
+    monkeypatch.setenv("DGEMMA_GRAPHS", "0")  # the plan that fits 18 GiB (see above)
     app = typer.Typer()
     register(app)
     runner = CliRunner()

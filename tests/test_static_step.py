@@ -3,7 +3,7 @@
 What runs here: the static buffers, masks, row buckets and the step under
 ``torch.compile(fullgraph=True, dynamic=False)`` (Inductor; fullgraph makes any graph break an
 error), each against the model's own forward and the eager denoising loop. What cannot run here:
-the CUDA-graph capture that ``DGEMMA_GRAPHS=1`` turns on with a GPU.
+the CUDA-graph capture an engine on a GPU runs by default (``DGEMMA_GRAPHS=0`` turns it off).
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
 from dgemma.engine.denoise import denoise, encode, expand_cache
 from dgemma.engine.settings import SamplerSettings
-from dgemma.engine.static_step import StaticStep, bucket, graphs_enabled
+from dgemma.engine.static_step import StaticStep, bucket, static_mode
+from dgemma.errors import DgemmaError
 from tiny import tiny_config
 
 PREFIX = 40  # past the tiny model's 32-token sliding window
@@ -29,15 +30,22 @@ def model_and_cache() -> tuple[DiffusionGemmaForBlockDiffusion, DynamicCache]:
     return model, cache
 
 
-def test_rows_go_to_buckets_and_graphs_need_a_gpu(monkeypatch) -> None:
+def test_rows_go_to_buckets_and_graphs_need_a_gpu(monkeypatch, model_and_cache) -> None:
     assert [bucket(n) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
     with pytest.raises(ValueError):
         bucket(9)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("DGEMMA_GRAPHS", raising=False)
+    assert (static_mode(cpu), static_mode(cuda)) == (None, "graphs")
     monkeypatch.setenv("DGEMMA_GRAPHS", "1")
-    assert not graphs_enabled(torch.device("cpu"))
+    assert (static_mode(cpu), static_mode(cuda)) == ("eager", "graphs")
+    monkeypatch.setenv("DGEMMA_GRAPHS", "0")
+    assert (static_mode(cpu), static_mode(cuda)) == (None, None)
     monkeypatch.setenv("DGEMMA_GRAPHS", "yes")
-    with pytest.raises(ValueError, match="DGEMMA_GRAPHS"):
-        graphs_enabled(torch.device("cpu"))
+    with pytest.raises(DgemmaError, match="DGEMMA_GRAPHS"):
+        static_mode(cpu)
+    with pytest.raises(ValueError, match="CUDA"):
+        StaticStep(model_and_cache[0], capacity=64, graphs=True)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 10])
