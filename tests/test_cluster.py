@@ -188,6 +188,11 @@ def test_the_local_daemon_in_remote_mode_serves_the_cli_and_the_language_server(
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout)
         assert out["model"] == "dgemma-bundled" and isinstance(out["middle"], str)
+        before = src.read_bytes()
+        r = dgemma(["edit", f"{src}:2-2", "-m", "return the sum", "--yes", "--max-tokens", "16"], env, cwd=str(root))
+        assert r.returncode == 0 or "returned nothing" in r.stderr, r.stderr  # nothing: the file is unchanged
+        lines, old = src.read_bytes().split(b"\n"), before.split(b"\n")
+        assert lines[0] == old[0] and lines[-4:] == old[-4:]  # only the selected line may change
         r = dgemma(["status"], env, cwd=str(root))
         assert r.returncode == 0 and f"remote        {team.url}: model dgemma-bundled" in r.stdout, r.stdout
         assert "replicas 2 running" in r.stdout
