@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from dgemma.daemon.remote import create_token, token_digest
 from dgemma.errors import DgemmaError
 
 READY_TIMEOUT_S = 600.0  # a 26B model loads in minutes; the bundled one in seconds
+CONNECT_TIMEOUT_S = 5.0
 
 
 def _state_file() -> Path:
@@ -53,7 +55,6 @@ def _start_local_head(num_cpus: int | None) -> str:
     address = _read_address()
     if address is None:
         raise DgemmaError("io_error", "`ray start --head` did not say where the cluster listens")
-    _state_file().write_text(json.dumps({"address": address, "started_here": True}))
     return address
 
 
@@ -66,27 +67,49 @@ def _read_address() -> str | None:
         return None
 
 
-def _known_address() -> str | None:
+def _check_reachable(address: str) -> None:
+    """ConnectionError unless something listens at a `host:port` address: ray.init would retry a
+    dead one for minutes."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return  # "auto", "local", ray://: Ray resolves those itself
     try:
-        return json.loads(_state_file().read_text()).get("address")
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConnectionError(exc.strerror or str(exc)) from None
+
+
+def _recorded() -> dict[str, Any]:
+    """Where `up` last deployed ({address, started_here}), so `status` and `down` need no --address."""
+    try:
+        state = json.loads(_state_file().read_text())
+        return state if isinstance(state, dict) else {}
     except (OSError, ValueError):
-        return None
+        return {}
 
 
 def connect(address: str | None, *, start: bool = False, num_cpus: int | None = None) -> Any:
-    """ray.init on the cluster at `address` (default: the one `up` used, or this machine's);
-    with `start`, a local head is started when none runs."""
+    """ray.init on the cluster at `address` (default: the one `up` used, or this machine's); with
+    `start` (`up`), a local head is started when none runs, and the address is recorded."""
     ray = _ray()
-    address = address or _known_address() or _read_address()
+    recorded = _recorded()
+    address = address or recorded.get("address") or _read_address()
+    started_here = address is not None and address == recorded.get("address") and recorded.get("started_here", False)
     if address is None:
         if not start:
             raise DgemmaError("unavailable", "no Ray cluster here; run `dgemma cluster up` (or pass --address)")
-        address = _start_local_head(num_cpus)
+        address, started_here = _start_local_head(num_cpus), True
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's progress lines are not the CLI's output
     try:
+        _check_reachable(address)
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, namespace="dgemma",
                  configure_logging=False)
     except ConnectionError as exc:
+        if address == recorded.get("address"):
+            _state_file().unlink(missing_ok=True)  # a head that is gone (a reboot): `up` starts anew
         raise DgemmaError("unavailable", f"cannot reach the Ray cluster at {address}: {exc}") from None
+    if start:
+        _state_file().write_text(json.dumps({"address": address, "started_here": started_here}))
     return ray
 
 
@@ -133,22 +156,18 @@ def status_info(config: Config) -> dict[str, Any]:
 
 def down(address: str | None) -> bool:
     """Delete the application; stop the local head `up` started. Returns whether anything ran."""
-    state = _state_file()
+    recorded = _recorded()
     try:
-        started_here = json.loads(state.read_text()).get("started_here", False)
-    except (OSError, ValueError):
-        started_here = False
-    try:
-        connect(address)
+        ray = connect(address)
     except DgemmaError:
+        _state_file().unlink(missing_ok=True)
         return False
     from ray import serve
 
     serve.shutdown()
-    ray = _ray()
     ray.shutdown()  # this driver first: `ray stop` would otherwise print its processes' deaths here
-    if started_here and address is None:
+    if recorded.get("started_here") and address in (None, recorded.get("address")):
         ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
         subprocess.run([ray_cli, "stop"], capture_output=True, text=True)
-        state.unlink(missing_ok=True)
+    _state_file().unlink(missing_ok=True)
     return True

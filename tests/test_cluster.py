@@ -89,6 +89,21 @@ def test_config_checks_remote_and_cluster_tables():
         check_url("http://host:port")
 
 
+def test_a_ray_cluster_that_is_gone_is_one_line_and_forgotten():
+    root = short_tmp("dgs-")
+    env = isolated_env(root)
+    run = root / "run"
+    run.mkdir(mode=0o700)
+    (run / "cluster.json").write_text(json.dumps({"address": f"127.0.0.1:{_free_port()}", "started_here": True}))
+    try:
+        r = dgemma(["cluster", "status"], env, timeout=60, cwd=str(root))
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert "cannot reach the Ray cluster at 127.0.0.1:" in r.stderr
+        assert not (run / "cluster.json").exists()  # so the next `up` starts a head of its own
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_replicas_follow_the_gpus_and_the_config():
     from dgemma.cluster.app import ROUTER, build
 
