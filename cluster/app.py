@@ -30,6 +30,7 @@ from dgemma.daemon.config import Config
 from dgemma.daemon.host import default_engine_factory, failure_error
 from dgemma.daemon.remote import CONTENT_TYPE, STATUS_PATH, method_path, token_digest
 from dgemma.daemon.scheduler import CancelFlag
+from dgemma.engine.api import Draft
 from dgemma.engine.settings import check_settings
 from dgemma.errors import DgemmaError
 
@@ -50,6 +51,8 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 
 
 class DgemmaReplica:
+    """One engine behind Serve's HTTP proxy; Serve runs one such actor per replica."""
+
     def __init__(self, config: Config, model: str | None, device: str | None, token_digest: str) -> None:
         if device in (None, "cpu"):
             # A CPU replica computes on the CPUs it reserved, not on every core of a shared machine.
@@ -111,8 +114,8 @@ class DgemmaReplica:
         flag = CancelFlag()
         received = time.monotonic()
 
-        def on_step(d: Any) -> None:  # the model thread: hand the draft to the loop
-            loop.call_soon_threadsafe(frames.put_nowait, proto.draft(None, d.text, int(d.step), int(d.canvas)))
+        def on_step(d: Draft) -> None:  # the model thread: hand the draft to the loop
+            loop.call_soon_threadsafe(frames.put_nowait, proto.draft(None, d.text, d.step, d.canvas))
 
         def run() -> dict[str, Any]:
             if flag.is_set():

@@ -7,11 +7,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from dgemma.daemon import protocol as proto
+from dgemma.daemon.config import Limits
 from dgemma.engine.answers import answer, regeneration_budget
 from dgemma.engine.api import Draft, FillEngine, Result
 
 
-def engine_kwargs(method: str, params: dict[str, Any], limits: Any) -> dict[str, Any]:
+def engine_kwargs(method: str, params: dict[str, Any], limits: Limits) -> dict[str, Any]:
     """Validated keyword arguments for Engine.fill / Engine.edit from request params."""
     p = proto.param
     kwargs: dict[str, Any] = {

@@ -23,7 +23,7 @@ def regeneration_budget(selection: str, cap: int) -> int:
 
 
 def answer(engine: FillEngine, method: str, kwargs: dict[str, Any], **control: Any) -> Result:
-    """Run a `fill` or `edit` (kwargs from `server.engine_kwargs`; control: settings, on_step,
+    """Run a `fill` or `edit` (kwargs from `daemon/codec.py` `engine_kwargs`; control: settings, on_step,
     cancel, deadline) and clean its completions. An edit without an instruction regenerates the
     selection as the middle between what surrounds it. A cleaned text of "" means nothing to apply."""
     kwargs = dict(kwargs)
