@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import pytest
 from lsprotocol import types as t
 
+from dgemma.daemon.client import Client
 from dgemma.daemon.config import parse_config
 from dgemma.daemon.remote import Remote, check_url
 from dgemma.daemon.scheduler import CancelFlag
@@ -222,9 +223,40 @@ def test_the_local_daemon_in_remote_mode_serves_the_cli_and_the_language_server(
         res = asyncio.run(through_the_editor())
         assert res is None or isinstance(res.items[0].insert_text, str)
         assert team.remote().status(src.as_uri())["served"] == served + 1  # the editor's fill ran there
+        _a_superseded_request_stops_on_its_replica(team, root / "run" / "daemon.sock")
     finally:
         dgemma(["stop"], env, cwd=str(root))
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _a_superseded_request_stops_on_its_replica(team: Team, sock: Path) -> None:
+    """A newer request for the same document supersedes a running one in the local daemon, and the
+    replica running it stops too (the daemon closes its HTTP connection)."""
+    doc = "file:///team/superseded.py"
+    before = team.remote().status(doc)["cancelled"]
+    drafted = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def busy() -> None:
+        with Client.connect(sock, timeout=30) as c:
+            try:
+                outcome["busy"] = c.request("fill", {**FILL, "max_tokens": 256, "settings": BUSY, "document": doc},
+                                            on_draft=lambda d: drafted.set())
+            except DgemmaError as exc:
+                outcome["busy"] = exc
+    worker = threading.Thread(target=busy)
+    worker.start()
+    assert drafted.wait(60)
+    with Client.connect(sock, timeout=30) as c:
+        assert "completions" in c.request("fill", {**FILL, "document": doc})
+    worker.join(60)
+    assert isinstance(outcome["busy"], DgemmaError) and outcome["busy"].code == "superseded", outcome
+    for _ in range(100):
+        st = team.remote().status(doc)
+        if st["cancelled"] > before:
+            break
+        time.sleep(0.1)
+    assert st["cancelled"] == before + 1, st
 
 
 async def _editor_says_once(env: dict[str, str], src: Path, says: str) -> None:
