@@ -93,6 +93,12 @@ def connect(address: str | None, *, start: bool = False, num_cpus: int | None = 
     `start` (`up`), a local head is started when none runs, and the address is recorded."""
     ray = _ray()
     recorded = _recorded()
+    if address is None and recorded.get("address"):
+        try:
+            _check_reachable(recorded["address"])
+        except ConnectionError:  # a head that is gone (a reboot): forget it, and `up` starts anew
+            _state_file().unlink(missing_ok=True)
+            recorded = {}
     address = address or recorded.get("address") or _read_address()
     started_here = address is not None and address == recorded.get("address") and recorded.get("started_here", False)
     if address is None:
@@ -105,8 +111,6 @@ def connect(address: str | None, *, start: bool = False, num_cpus: int | None = 
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, namespace="dgemma",
                  configure_logging=False)
     except ConnectionError as exc:
-        if address == recorded.get("address"):
-            _state_file().unlink(missing_ok=True)  # a head that is gone (a reboot): `up` starts anew
         raise DgemmaError("unavailable", f"cannot reach the Ray cluster at {address}: {exc}") from None
     if start:
         _state_file().write_text(json.dumps({"address": address, "started_here": started_here}))

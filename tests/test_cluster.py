@@ -99,8 +99,10 @@ def test_a_ray_cluster_that_is_gone_is_one_line_and_forgotten():
     try:
         r = dgemma(["cluster", "status"], env, timeout=60, cwd=str(root))
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
-        assert "cannot reach the Ray cluster at 127.0.0.1:" in r.stderr
+        assert "no Ray cluster here; run `dgemma cluster up`" in r.stderr
         assert not (run / "cluster.json").exists()  # so the next `up` starts a head of its own
+        r = dgemma(["cluster", "status", "--address", f"127.0.0.1:{_free_port()}"], env, timeout=60, cwd=str(root))
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "cannot reach the Ray cluster" in r.stderr
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
