@@ -24,7 +24,7 @@ from dgemma.engine.prefix_cache import PrefixCache, copy_cache, default_budget
 from dgemma.engine.settings import SamplerSettings
 from dgemma.engine.ranking import SUFFIX_FIT_TOKENS, agreement, suffix_fit
 from dgemma.engine.window import Cut, cut_prefix, cut_suffix
-from dgemma.engine.plan import PLANNED_CONTEXT, PREFILL_CHUNK_TOKENS, resident_prefix_budget
+from dgemma.engine.plan import PLANNED_CONTEXT, PREFILL_CHUNK_TOKENS, headroom, resident_prefix_budget
 from dgemma.engine.static_step import StaticStep, static_mode
 
 log = logging.getLogger("dgemma.engine")
@@ -88,13 +88,18 @@ class Engine:
         self.max_rows = max_rows or max(1, (logits_budget_bytes or (1 << 30)) // per_row)
         # The decoder step (engine/static_step.py), read here so that a bad DGEMMA_GRAPHS fails now.
         # Its buffers hold a prefix of the planned context; a longer one decodes on the dynamic cache.
-        self.static_mode = static_mode(self.device)
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
+        graphs_fit = self.device.type != "cuda" or headroom(config, free, self.max_rows, graphs=True) >= 0
+        self.static_mode = static_mode(self.device, graphs_fit)
+        if not graphs_fit and self.static_mode is None:
+            log.warning("CUDA graphs would not fit the %.2f GiB this GPU has free beside the weights; decoding "
+                        "without them (DGEMMA_GRAPHS=1 forces them)", free / (1 << 30))
         self.static_capacity = min(self.context_limit, PLANNED_CONTEXT)
         self._static: StaticStep | None = None
         if prefix_device_bytes is None:
             # On a GPU, what the memory plan's peak leaves of the memory free once the weights are in.
             prefix_device_bytes = 0 if self.device.type != "cuda" else resident_prefix_budget(
-                config, torch.cuda.mem_get_info(self.device)[0], self.max_rows, self.static_mode == "graphs")
+                config, free, self.max_rows, self.static_mode == "graphs")
         self.prefix_cache = PrefixCache(default_budget(self.device) if prefix_cache_bytes is None
                                         else prefix_cache_bytes, prefix_device_bytes)
 

@@ -298,11 +298,16 @@ def pass_terms(config: DiffusionGemmaConfig, context: int, batch: int = 1,
     return {"canvas_decode": decode, "prompt_prefill": prefill}
 
 
-def resident_prefix_budget(config: DiffusionGemmaConfig, free: int, batch: int = 1, graphs: bool = False) -> int:
-    """Bytes a resident prefix-cache entry may take on a GPU that has `free` bytes once the weights
-    are loaded: what the peak pass at `PLANNED_CONTEXT` leaves, less `FRAGMENTATION_RESERVE`."""
+def headroom(config: DiffusionGemmaConfig, free: int, batch: int = 1, graphs: bool = False) -> int:
+    """What the peak pass at `PLANNED_CONTEXT` leaves of `free` bytes (the GPU's, once the weights are
+    loaded), less `FRAGMENTATION_RESERVE`; negative when that pass may not fit."""
     passes = pass_terms(config, PLANNED_CONTEXT, batch, graphs=graphs)
-    return max(0, free - max(sum(terms.values()) for terms in passes.values()) - FRAGMENTATION_RESERVE)
+    return free - max(sum(terms.values()) for terms in passes.values()) - FRAGMENTATION_RESERVE
+
+
+def resident_prefix_budget(config: DiffusionGemmaConfig, free: int, batch: int = 1, graphs: bool = False) -> int:
+    """Bytes a resident prefix-cache entry may take: the headroom, if any."""
+    return max(0, headroom(config, free, batch, graphs))
 
 
 def plan(

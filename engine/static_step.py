@@ -52,16 +52,18 @@ def bucket(rows: int) -> int:
     raise ValueError(f"{rows} rows: at most {BUCKETS[-1]} run in one step")
 
 
-def static_mode(device: torch.device) -> str | None:
+def static_mode(device: torch.device, graphs_fit: bool = True) -> str | None:
     """How the engine runs its decoder step, from ``DGEMMA_GRAPHS``: "graphs" (static step, one
     CUDA graph per bucket), "eager" (static step, uncompiled) or None (the model on transformers'
-    dynamic cache). Unset means "graphs" on CUDA and None on the CPU; 1 means "graphs" on CUDA and
-    "eager" on the CPU; 0 means None. Read once, when an engine is made, so a bad value fails there."""
+    dynamic cache). Unset means "graphs" on CUDA when their buffers and pools fit the free memory
+    (``graphs_fit``: an optional speed-up must not cost an out-of-memory) and None on the CPU; 1
+    means "graphs" on CUDA, fitting or not, and "eager" on the CPU; 0 means None. Read once, when an
+    engine is made, so a bad value fails there."""
     value = os.environ.get("DGEMMA_GRAPHS", "").strip()
     if value not in ("0", "1", ""):
         raise DgemmaError("invalid_params", f"DGEMMA_GRAPHS={value!r}: set it to 1 (static decoder step, "
                           "CUDA graphs on a GPU) or 0 (dynamic cache), or leave it unset.")
-    if value == "0" or (value == "" and device.type != "cuda"):
+    if value == "0" or (value == "" and (device.type != "cuda" or not graphs_fit)):
         return None
     return "graphs" if device.type == "cuda" else "eager"
 

@@ -37,8 +37,10 @@ def test_rows_go_to_buckets_and_graphs_need_a_gpu(monkeypatch, model_and_cache) 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv("DGEMMA_GRAPHS", raising=False)
     assert (static_mode(cpu), static_mode(cuda)) == (None, "graphs")
+    assert static_mode(cuda, graphs_fit=False) is None  # by default only where they fit
     monkeypatch.setenv("DGEMMA_GRAPHS", "1")
     assert (static_mode(cpu), static_mode(cuda)) == ("eager", "graphs")
+    assert static_mode(cuda, graphs_fit=False) == "graphs"  # asked for: the user's call
     monkeypatch.setenv("DGEMMA_GRAPHS", "0")
     assert (static_mode(cpu), static_mode(cuda)) == (None, None)
     monkeypatch.setenv("DGEMMA_GRAPHS", "yes")
