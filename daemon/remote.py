@@ -187,6 +187,8 @@ class Remote:
                     raise DgemmaError("remote_unavailable", f"the remote {self.url} closed the stream before answering "
                                                             "(its replica may have stopped); try again")
                 frame = json.loads(line)
+                if not isinstance(frame, dict):
+                    raise ValueError(f"a line that is not a frame: {line[:80]!r}")
                 kind = frame.get("type")
                 if kind == "draft":
                     if on_draft is not None:
