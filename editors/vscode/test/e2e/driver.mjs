@@ -367,8 +367,14 @@ CASES["ghost-text"] = async () => {
   await shot("ghost-text");
   check(g, "no ghost text after typing a new line, 4 times");
   log(`ghost text: ${JSON.stringify(g)}`);
-  await page.keyboard.press("Tab");
-  await until("the ghost text to go", 10_000, async () => !(await ghostText()));
+  // A suggestion that starts with more indentation than the cursor has: VS Code's first Tab indents
+  // the line (its documented behaviour) and keeps the rest as ghost text; the next Tab accepts it.
+  for (let tab = 1; tab <= 3 && (await ghostText()); tab++) {
+    await page.keyboard.press("Tab");
+    await until("the ghost text to go or move", 10_000, async () => (await ghostText()) !== g).catch(() => {});
+    g = await ghostText();
+  }
+  check(!(await ghostText()), "three Tabs did not accept the ghost text");
   const doc = await readDocument();
   const inserted = replaced(doc, cut, cut, "ghost text");
   check(inserted.startsWith("\n") && !blank(inserted), `Tab did not put the suggestion in: ${JSON.stringify(inserted)}`);
@@ -403,6 +409,9 @@ CASES["palette-rewrite"] = async () => {
     want: appliedText, select: () => select(5, 1, 4), instruction: "use sum()",
     verify: async (r) => {
       await shot(`palette-rewrite-seed${r.seed}`);
+      // The "rewriting…" progress toast closes a moment after the edit lands: not a warning.
+      const progress = (t) => t.startsWith("dgemma: rewriting");
+      await until("the rewriting progress to close", 10_000, async () => !(await toasts()).some(progress));
       const warnings = (await toasts()).filter((t) => t.startsWith("dgemma"));
       check(warnings.length === 0, `a warning after an applied rewrite: ${warnings.join(" / ")}`);
       const doc = await readDocument();
