@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 from lsprotocol import types as t
@@ -29,6 +29,24 @@ from test_lsp_e2e import inline_params, open_doc, running_client
 pytest.importorskip("ray.serve", reason='team serving needs the cluster extra: pip install -e ".[cluster]"')
 
 FILL = {"prefix": "def add(a, b):\n    return ", "suffix": "\n\nprint(add(1, 2))\n", "max_tokens": 8}
+BUSY_FILL = {**FILL, "max_tokens": 256, "settings": BUSY}  # runs until it is stopped
+
+
+def _running(send: Callable[[Callable[[Any], None]], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start `send(on_draft)`, a request that runs until it is stopped, on a thread; return once it
+    has drafted. `outcome["value"]` is then its result or its DgemmaError."""
+    drafted = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = send(lambda d: drafted.set())
+        except DgemmaError as exc:
+            outcome["value"] = exc
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert drafted.wait(60), "the request never drafted"
+    return worker, outcome
 
 
 def _free_port() -> int:
@@ -183,9 +201,8 @@ def test_a_client_that_goes_away_cancels_its_request_on_the_replica(team: Team):
     doc = "file:///team/cancelled.py"
     before = team.remote().status(doc)["cancelled"]
     flag = CancelFlag()
-    busy = {**FILL, "max_tokens": 256, "settings": BUSY}
     with pytest.raises(DgemmaError) as err:
-        team.remote().forward("fill", busy, document=doc, on_draft=lambda d: flag.set(), cancel=flag)
+        team.remote().forward("fill", BUSY_FILL, document=doc, on_draft=lambda d: flag.set(), cancel=flag)
     assert err.value.code == "cancelled"
     for _ in range(100):  # the replica notices at its next step
         st = team.remote().status(doc)
@@ -236,23 +253,15 @@ def _a_superseded_request_stops_on_its_replica(team: Team, sock: Path) -> None:
     replica running it stops too (the daemon closes its HTTP connection)."""
     doc = "file:///team/superseded.py"
     before = team.remote().status(doc)["cancelled"]
-    drafted = threading.Event()
-    outcome: dict[str, Any] = {}
 
-    def busy() -> None:
+    def busy(on_draft: Callable[[Any], None]) -> Any:
         with Client.connect(sock, timeout=30) as c:
-            try:
-                outcome["busy"] = c.request("fill", {**FILL, "max_tokens": 256, "settings": BUSY, "document": doc},
-                                            on_draft=lambda d: drafted.set())
-            except DgemmaError as exc:
-                outcome["busy"] = exc
-    worker = threading.Thread(target=busy)
-    worker.start()
-    assert drafted.wait(60)
+            return c.request("fill", {**BUSY_FILL, "document": doc}, on_draft=on_draft)
+    worker, outcome = _running(busy)
     with Client.connect(sock, timeout=30) as c:
         assert "completions" in c.request("fill", {**FILL, "document": doc})
     worker.join(60)
-    assert isinstance(outcome["busy"], DgemmaError) and outcome["busy"].code == "superseded", outcome
+    assert isinstance(outcome["value"], DgemmaError) and outcome["value"].code == "superseded", outcome
     for _ in range(100):
         st = team.remote().status(doc)
         if st["cancelled"] > before:
@@ -302,18 +311,8 @@ def test_a_replica_killed_mid_request_fails_that_request_and_the_others_are_serv
 
     a, b = team.documents_on_two_replicas()
     victim = team.replica_of(a)
-    started = threading.Event()
-    outcome: dict[str, Any] = {}
-
-    def long_request() -> None:
-        try:
-            outcome["a"] = team.remote().forward("fill", {**FILL, "max_tokens": 256, "settings": BUSY}, document=a,
-                                                 on_draft=lambda d: started.set())
-        except DgemmaError as exc:
-            outcome["a"] = exc
-    worker = threading.Thread(target=long_request)
-    worker.start()
-    assert started.wait(60)
+    worker, outcome = _running(lambda on_draft: team.remote().forward("fill", BUSY_FILL, document=a,
+                                                                      on_draft=on_draft))
     ray.init(address="auto", namespace="dgemma-test", log_to_driver=False, logging_level="ERROR")
     try:
         name = next(a_["name"] for a_ in ray.util.list_named_actors(all_namespaces=True)
@@ -323,7 +322,7 @@ def test_a_replica_killed_mid_request_fails_that_request_and_the_others_are_serv
         ray.shutdown()
     worker.join(60)
     assert not worker.is_alive()
-    assert isinstance(outcome["a"], DgemmaError) and outcome["a"].code == "remote_unavailable", outcome
+    assert isinstance(outcome["value"], DgemmaError) and outcome["value"].code == "remote_unavailable", outcome
     # The other replica goes on serving at once; the killed one's documents move to a healthy replica
     # once Serve has noticed the death (a request routed before that fails the same way).
     assert team.remote().forward("fill", FILL, document=b)["replica"] != victim
