@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import typer
 
+from dgemma.cli.doctor import replica_counts
 from dgemma.errors import DgemmaError
 
 app = typer.Typer(help="Serve the model to a team on Ray Serve (needs: pip install \"dgemma[cluster]\").",
@@ -25,7 +26,7 @@ def _print(st: dict[str, Any], json_out: bool) -> None:
     if json_out:
         print(json.dumps(st))
         return
-    replicas = ", ".join(f"{n} {state.lower()}" for state, n in sorted(st["replicas"].items())) or "none"
+    replicas = replica_counts(st["replicas"]) or "none"
     print(f"{'application':13} dgemma, {st['status'].lower()}")
     print(f"{'replicas':13} {replicas}")
     if st.get("url"):

@@ -138,13 +138,17 @@ def _check_runtime_dir(folder: Path) -> list[Check]:
     return [("ok", f"runtime dir {folder} is private (700)")]
 
 
+def replica_counts(states: dict[str, int]) -> str:
+    """Replicas by state, as Serve counts them: "2 running, 1 starting" ("" for none)."""
+    return ", ".join(f"{n} {state.lower()}" for state, n in sorted(states.items()))
+
+
 def remote_summary(remote: dict[str, Any]) -> str:
     """One line on the team server the daemon forwards to (remote mode): its model and replicas, or
     why it cannot be used."""
     if remote.get("error"):
         return remote["error"]
-    states = remote.get("replicas") or {}
-    replicas = ", ".join(f"{n} {state.lower()}" for state, n in sorted(states.items())) or "unknown"
+    replicas = replica_counts(remote.get("replicas") or {}) or "unknown"
     return (f"{remote['url']}: model {remote.get('model') or '-'} on {remote.get('device') or '-'}, "
             f"replicas {replicas}")
 

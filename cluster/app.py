@@ -25,13 +25,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from dgemma.daemon import protocol as proto
-from dgemma.daemon.codec import engine_kwargs, run_request
+from dgemma.daemon.codec import Controls, engine_kwargs, request_controls, run_request
 from dgemma.daemon.config import Config
 from dgemma.daemon.host import default_engine_factory, failure_error
 from dgemma.daemon.remote import CONTENT_TYPE, STATUS_PATH, method_path, token_digest
 from dgemma.daemon.scheduler import CancelFlag
 from dgemma.engine.api import Draft
-from dgemma.engine.settings import check_settings
 from dgemma.errors import DgemmaError
 
 log = logging.getLogger("dgemma.cluster")
@@ -96,18 +95,14 @@ class DgemmaReplica:
             if not isinstance(params, dict):
                 raise DgemmaError("invalid_request", "the body must be a JSON object of the request's params")
             kwargs = engine_kwargs(method, params, limits)
-            settings = check_settings(proto.param(params, "settings", dict, {}))
-            deadline_ms = proto.param(params, "deadline_ms", (int, float), None, min=0)
-            stream = proto.param(params, "stream", bool, True)
+            controls = request_controls(params)
         except ValueError as exc:
             return _error(400, "invalid_request", f"the body is not JSON: {exc}")
         except DgemmaError as exc:
             return _error(400, exc.code, exc.message)
-        deadline = None if deadline_ms is None else time.monotonic() + deadline_ms / 1000
-        return StreamingResponse(self._frames(method, kwargs, settings, stream, deadline), media_type=CONTENT_TYPE)
+        return StreamingResponse(self._frames(method, kwargs, controls), media_type=CONTENT_TYPE)
 
-    async def _frames(self, method: str, kwargs: dict[str, Any], settings: dict[str, Any], stream: bool,
-                      deadline: float | None) -> AsyncIterator[bytes]:
+    async def _frames(self, method: str, kwargs: dict[str, Any], controls: Controls) -> AsyncIterator[bytes]:
         """The request's frames as JSON lines: its drafts while it runs, then its result or error."""
         loop = asyncio.get_running_loop()
         frames: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -121,8 +116,9 @@ class DgemmaReplica:
             if flag.is_set():
                 raise DgemmaError("cancelled", "cancelled")
             t0 = time.monotonic()
-            payload = run_request(self.engine, method, kwargs, {**self.config.sampler, **settings},
-                                  on_step=on_step if stream else None, cancel=flag, deadline=deadline)
+            payload = run_request(self.engine, method, kwargs, {**self.config.sampler, **controls.settings},
+                                  on_step=on_step if controls.stream else None, cancel=flag,
+                                  deadline=controls.deadline)
             payload.update(queue_ms=(t0 - received) * 1000, replica=self.replica)
             return payload
 

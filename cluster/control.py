@@ -38,13 +38,18 @@ def _ray() -> Any:
     return ray
 
 
-def _start_local_head(num_cpus: int | None) -> str:
-    """`ray start --head` on this machine, on loopback, no dashboard; returns its address."""
+def _ray_cli() -> str:
+    """The `ray` command of the Ray this Python imports."""
     ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
     if ray_cli is None:
         raise DgemmaError("invalid_request", "the `ray` command is not installed beside this Python")
+    return ray_cli
+
+
+def _start_local_head(num_cpus: int | None) -> str:
+    """`ray start --head` on this machine, on loopback, no dashboard; returns its address."""
     # On 127.0.0.1: a head `up` starts is this machine's alone (a team's spans machines: README).
-    cmd = [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+    cmd = [_ray_cli(), "start", "--head", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
            "--include-dashboard=false", "--port=0"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
@@ -171,7 +176,6 @@ def down(address: str | None) -> bool:
     serve.shutdown()
     ray.shutdown()  # this driver first: `ray stop` would otherwise print its processes' deaths here
     if recorded.get("started_here") and address in (None, recorded.get("address")):
-        ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
-        subprocess.run([ray_cli, "stop"], capture_output=True, text=True)
+        subprocess.run([_ray_cli(), "stop"], capture_output=True, text=True)
     _state_file().unlink(missing_ok=True)
     return True

@@ -4,12 +4,15 @@ server's replica (cluster/app.py) and the command line's in-process path all val
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from dgemma.daemon import protocol as proto
 from dgemma.daemon.config import Limits
 from dgemma.engine.answers import answer, regeneration_budget
 from dgemma.engine.api import Draft, FillEngine, Result
+from dgemma.engine.settings import check_settings
 
 
 def engine_kwargs(method: str, params: dict[str, Any], limits: Limits) -> dict[str, Any]:
@@ -34,6 +37,22 @@ def engine_kwargs(method: str, params: dict[str, Any], limits: Limits) -> dict[s
         if max_tokens is not None:
             kwargs["max_tokens"] = max_tokens
     return kwargs
+
+
+@dataclass(frozen=True)
+class Controls:
+    """How a request runs, beside what it asks the engine."""
+    settings: dict[str, Any]  # sampler overrides, each checked (the engine checks how they combine)
+    stream: bool  # send drafts
+    deadline: float | None  # the time.monotonic() by which it ends, from `deadline_ms`
+
+
+def request_controls(params: dict[str, Any]) -> Controls:
+    """A request's controls from its params, checked at the door."""
+    deadline_ms = proto.param(params, "deadline_ms", (int, float), None, min=0)
+    return Controls(settings=check_settings(proto.param(params, "settings", dict, {})),
+                    stream=proto.param(params, "stream", bool, True),
+                    deadline=None if deadline_ms is None else time.monotonic() + deadline_ms / 1000)
 
 
 def result_payload(res: Result, model_name: str | None) -> dict[str, Any]:

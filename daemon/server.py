@@ -26,14 +26,13 @@ from typing import Any, Callable
 from dgemma.daemon import protocol as proto
 from dgemma.daemon.config import (Config, ConfigWatcher, config_path, ensure_private_dir, lock_fd, runtime_dir, socket_path,
                      tcp_info_path, transport)
-from dgemma.daemon.codec import engine_kwargs, run_request
+from dgemma.daemon.codec import engine_kwargs, request_controls, run_request
 from dgemma.engine.api import Draft
 from dgemma.daemon.connection import Connection
 from dgemma.daemon.remote import Remote
 from dgemma.daemon.host import EngineFactory, ModelHost, default_engine_factory, failure_error
 from dgemma.errors import DgemmaError
 from dgemma.engine.loading import BUNDLED_MODEL_DIR
-from dgemma.engine.settings import check_settings
 from dgemma.daemon.scheduler import STOP_REPLIES, Job, Scheduler
 
 log = logging.getLogger("dgemma.daemon")
@@ -408,13 +407,10 @@ class Server:
         if wanted is not None and _canon_model(wanted) != _canon_model(self.host.model_spec):
             raise DgemmaError("invalid_params", f"this daemon serves {self.host.model_spec or 'the bundled model'}, not "
                                                 f"{proto.clip(wanted, 200)}; run `dgemma stop` first, or use --no-daemon")
-        # Each setting's type and range here, at the door (the engine checks how they combine).
-        settings = check_settings(proto.param(params, "settings", dict, {}))
-        deadline_ms = proto.param(params, "deadline_ms", (int, float), None, min=0)
-        job = Job(conn, rid, method, kwargs, settings,
+        controls = request_controls(params)
+        job = Job(conn, rid, method, kwargs, controls.settings,
                   document=proto.param(params, "document", str, None),
-                  stream=proto.param(params, "stream", bool, True),
-                  deadline=None if deadline_ms is None else time.monotonic() + deadline_ms / 1000)
+                  stream=controls.stream, deadline=controls.deadline)
         conn.jobs[rid] = job
         for old in self.scheduler.put(job):
             self._finish(old, _stopped(old, "superseded"))

@@ -27,10 +27,11 @@ class Settings:
     max_tokens_invoked: int = 256
     # Ghost text longer than this many lines is cut (automatic triggers only).
     max_lines_automatic: int = 16
-    prefix_tokens: int = 1024
-    suffix_tokens: int = 256
-    extra_tokens: int = 512
-    chunk_lines: int = 32
+    # The context window's budget (lsp/context.py decides its defaults).
+    prefix_tokens: int = Budget.prefix_tokens
+    suffix_tokens: int = Budget.suffix_tokens
+    extra_tokens: int = Budget.extra_tokens
+    chunk_lines: int = Budget.chunk_lines
     ring_size: int = 16
     # Candidates the daemon decodes for one fill.
     n: int = 1

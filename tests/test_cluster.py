@@ -274,8 +274,8 @@ async def _editor_says_once(env: dict[str, str], src: Path, says: str) -> None:
     """Keystrokes and an explicit request against a failing remote: one error message in the editor."""
     async with running_client(env) as client:
         open_doc(client, src.read_text(), src.as_uri())
-        for col, kind in enumerate([t.InlineCompletionTriggerKind.Invoked, t.InlineCompletionTriggerKind.Automatic,
-                                    t.InlineCompletionTriggerKind.Invoked]):
+        for kind in (t.InlineCompletionTriggerKind.Invoked, t.InlineCompletionTriggerKind.Automatic,
+                     t.InlineCompletionTriggerKind.Invoked):
             params = inline_params(0, 4, kind, uri=src.as_uri())
             assert await client.text_document_inline_completion_async(params) is None
         errors = [m.message for m in client.messages if m.type == t.MessageType.Error]
