@@ -6,6 +6,12 @@ directly in 4-bit form (52 GB of bf16 is never materialized), through the real e
 
 Prints a markdown table and writes `gpu_real_shape.md` and `.json` under $OUT (or --out).
 Random weights never converge, so every canvas runs a fixed number of steps.
+
+Last, the static decoder step as the engine runs it (engine/static_step.py): an 8k-token prefix
+encoded straight into its buffers, one row, and on CUDA its CUDA graph captured. The graph pool it
+keeps (the caching allocator's private-pool segments) is measured beside the memory plan's estimate
+of it (`graph_pool_GiB`, `plan_graph_pool_GiB`), and the peak beside the plan's total with graphs;
+`--skip-graphs` leaves this out. On a CPU the step runs eager: there is no pool to measure.
 """
 from __future__ import annotations
 
@@ -24,8 +30,10 @@ from transformers import AutoTokenizer, DiffusionGemmaConfig, DynamicCache
 from dgemma.engine.denoise import denoise, encode
 from dgemma.engine.engine import Engine
 from dgemma.engine.loading import BUNDLED_MODEL_DIR, LoadedModel
+from dgemma.engine.plan import PREFILL_CHUNK_TOKENS, plan, static_capacity, static_step_terms
 from dgemma.engine.prefix_cache import cache_bytes
 from dgemma.engine.settings import SamplerSettings
+from dgemma.engine.static_step import StaticStep
 from dgemma.quant.apply import tied_groups
 from dgemma.quant.checkpoint import materialize_meta
 from dgemma.quant.formats import QuantizedWeight, block_size
@@ -169,6 +177,57 @@ def measure(label: str, config, fmt: str | None, device: torch.device, dtype: to
                                                         settings=fixed(steps)), 2)
         row[f"tok_s_{steps}"] = args.new_tokens / seconds
     row["peak_total_GiB"] = clock.peak_gib()
+    if not args.skip_graphs:
+        try:
+            row.update(measure_static(model, config, fmt, device, args, clock))
+        except Exception as exc:  # the capture has never run here: report it, keep the rest
+            row["static_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return row
+
+
+def graph_pool_bytes() -> int:
+    """Bytes of the caching allocator's segments in private pools, which CUDA graphs capture into."""
+    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot(include_traces=False)
+               if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+
+
+@torch.no_grad()
+def measure_static(model, config, fmt: str | None, device: torch.device, args, clock: Clock) -> dict:
+    """The static step over a prefix of the planned context, encoded into its buffers (the engine's
+    one copy of it), one row: the first canvas (compile and capture on CUDA), a replayed step, and on
+    CUDA the graph pool and the peak, each beside the memory plan's figure."""
+    graphs = device.type == "cuda"
+    capacity = static_capacity(config)
+    vocab, canvas = config.text_config.vocab_size, config.canvas_length
+    gen = torch.Generator(device).manual_seed(1)
+    fixed = lambda steps: SamplerSettings(max_denoising_steps=steps, confidence_threshold=1e-30)  # noqa: E731
+    if graphs:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        pool_before = graph_pool_bytes()
+    step = StaticStep(model, capacity, graphs=graphs)
+    cache = step.cache()
+    # The planned context (at toy scale, the longest measured above): the prefix, then one canvas.
+    prompt = torch.randint(3, vocab, (1, min(capacity, args.contexts[-1]) - canvas), device=device, generator=gen)
+    for chunk in prompt.split(PREFILL_CHUNK_TOKENS, dim=1):
+        encode(model, chunk, cache)
+    row: dict = {"static_prefix_tokens": cache.get_seq_length(), "static_prefix_in_buffers": step.holds(cache)}
+    step.load(cache)
+    noise = torch.randint(0, vocab, (1, canvas), device=device, generator=gen)
+    pins = torch.zeros_like(noise, dtype=torch.bool)
+    started = time.perf_counter()
+    denoise(step, cache, noise, pins, fixed(3), gen)  # compile, warm up, capture (CUDA graph trees)
+    clock.sync()
+    row["static_first_canvas_s"] = time.perf_counter() - started
+    steps = args.step_repeats
+    row["static_step_ms"] = 1e3 * clock.median(lambda: denoise(step, cache, noise, pins, fixed(steps), gen), 3) / steps
+    planned = plan(config, 0, capacity, experts_format=fmt, graphs=True)
+    row["plan_graph_pool_GiB"] = static_step_terms(config)["static step: graph pool (estimate)"] / GiB
+    row["plan_total_graphs_GiB"] = planned.total / GiB
+    if graphs:
+        row["graph_pool_GiB"] = (graph_pool_bytes() - pool_before) / GiB
+        row["static_peak_GiB"] = clock.peak_gib()
+        row["static_reserved_GiB"] = torch.cuda.memory_reserved() / GiB
     return row
 
 
@@ -194,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--format", default="nvfp4", choices=["nvfp4", "nf4"])
     parser.add_argument("--skip-bf16", action="store_true")
+    parser.add_argument("--skip-graphs", action="store_true", help="leave out the static step and its graph pool")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args(argv)
     config = load_config(args.config)

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from dgemma.errors import DgemmaError
-from dgemma.engine.sampler import sample_positions
+from dgemma.engine.sampler import sample_positions, token_logprobs
 from dgemma.engine.settings import SamplerSettings
 
 
@@ -250,6 +250,5 @@ def denoise(model, cache: DynamicCache, canvas: torch.Tensor, pinned: torch.Tens
     # Each row's confidence in its own result, from the last step it was still denoising, at
     # temperature 1: at the late steps' low temperature every log-probability is ~0, and rows could
     # not be told apart.
-    raw = carry.sc_logits.float() * carry.row_temperature
-    logprobs = torch.log_softmax(raw, dim=-1).gather(-1, carry.argmax.unsqueeze(-1)).squeeze(-1)
+    logprobs = token_logprobs(carry.sc_logits, carry.argmax, carry.row_temperature)
     return CanvasOutcome(argmax=carry.argmax, logprobs=logprobs, steps=steps)

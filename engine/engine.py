@@ -260,6 +260,13 @@ class Engine:
     def _prefill(self, ids: list[int], stable: int) -> tuple[DynamicCache, int]:
         hit = self.prefix_cache.lookup(ids[:stable])
         cache, done = (hit[1], len(hit[0])) if hit else (DynamicCache(config=self.text_config), 0)
+        del hit
+        if self.static_mode is not None and len(ids) <= self.static_capacity:
+            # The prefix lives once, in the static step's buffers: a hit is copied in (its own copy
+            # dropped) and the encoder appends straight into them (static_step.BufferCache).
+            if self._static is None:
+                self._static = StaticStep(self.model, self.static_capacity, graphs=self.static_mode == "graphs")
+            cache = self._static.cache(cache)
         if done < stable:
             self._encode_in_chunks(ids[done:stable], cache)
             self.prefix_cache.store(ids[:stable], cache)

@@ -8,9 +8,11 @@ the daemon holds besides the weights at the peak of its two passes, term by term
   loop holds one fp32 logits tensor (canvas x vocabulary; the previous step's while the model runs)
   and the self-conditioning logits in bf16; on top comes the largest transient, which at a 262k
   vocabulary is transformers' softcap (`logits / cap`, `tanh`, `* cap`, each a new fp32 tensor, so
-  two exist at once) or, as large, the fp32 softmax of the self-conditioning logits. Checked against
-  the CPU allocator's record of a real step in tests/test_quant_plan.py. One request with one
-  alternative: each further alternative continued past its first canvas copies the KV cache.
+  two exist at once) or, as large, the fp32 softmax of the self-conditioning logits. The sampler and
+  the canvas's final log-probabilities (`sampler.token_logprobs`) work a chunk of positions at a
+  time. Checked against the CPU allocator's record of real steps in tests/test_quant_plan.py, on the
+  dynamic cache and through the static step. One request with one alternative: each further
+  alternative continued past its first canvas copies the KV cache.
 * prompt prefill, the last chunk of `prefill_chunk` prompt tokens: attention over the whole context
   with the key/value heads repeated to the query heads (transformers does that whenever a mask is
   passed or the head dimension is over 256) and the masks, or the feed-forward block, whichever is
@@ -21,13 +23,17 @@ last `window - 1` tokens as a view into the keys of its last encoder pass, so su
 holds `window - 1` plus that pass's tokens: a canvas commit (decode) or a prefill chunk.
 
 With the static decoder step (engine/static_step.py; on a GPU unless `DGEMMA_GRAPHS=0`, which the
-plan reads as the engine does) come its buffers, which hold for good: a second copy of the prefix
-KV at the full `context` (`static_step_terms`), the inputs of the row bucket the engine uses, and the
-pool of the captured CUDA graphs. The pool is an estimate from the shapes, not a measurement: the
-largest live set inside the step at the bucket's rows (the softcap's two fp32 logits, the
-self-conditioning softmax or a decoder layer), which the graph keeps reserved between replays and
-the buckets' graphs share. Outside the graph the step's logits are a clone (fp32, the step's rows).
-All of it counts in both passes, since it stays allocated while the encoder runs.
+plan reads as the engine does) come its buffers, which hold for good (`static_step_terms`): the KV
+buffers at the step's capacity (`static_capacity`: `PLANNED_CONTEXT`, or the model's context if
+smaller) with their masks, the inputs of the row bucket the engine uses, and the pool of the captured
+CUDA graphs. The buffers are the prefix's only copy: the engine's cache is a `BufferCache` over them,
+into which the encoder writes its passes, so there is no "kv cache" term beside them while the context
+fits the capacity (beyond it the engine decodes on the dynamic cache, and both count). The pool is an
+estimate until measured on a GPU (bench/gpu_real_shape.py measures it there): the largest live set
+inside the step at the bucket's rows (the softcap's two fp32 logits, the self-conditioning softmax or
+a decoder layer), which the graph keeps reserved between replays and the buckets' graphs share.
+Outside the graph the step's logits are a clone (fp32, the step's rows). All of it counts in both
+passes, since it stays allocated while the encoder runs.
 
 Outside `total`, and stated in the output: the CUDA context (`cuda_context`, a driver-dependent
 reserve; `--vram` is what the daemon's tensors may use, i.e. what a GPU has free once a context
@@ -67,6 +73,8 @@ PREFILL_CHUNK_TOKENS = 1024
 PLANNED_CONTEXT = 8192
 # Headroom kept free for allocator fragmentation before any is lent to a resident prefix-cache entry.
 FRAGMENTATION_RESERVE = 512 << 20
+# What the printed plan says of the graph pool.
+POOL_NOTE = "graph pool: an estimate until measured on a GPU (bench/gpu_real_shape.py measures it)"
 BF16 = 2
 FP32 = 4
 
@@ -104,11 +112,12 @@ class MemoryPlan:
     experts_format: str | None
     dense_format: str | None
     weights: dict[str, int]
-    kv_detail: dict[str, int]  # while decoding, by layer type
+    kv_detail: dict[str, int]  # while decoding, by layer type (with graphs: the static step's buffers)
     passes: dict[str, dict[str, int]]  # bytes besides the weights at each pass's peak, KV cache included
     cuda_context: int
     prefix_cache_host: int
     graphs: bool  # the static decoder step with CUDA graphs (its buffers and pool are in `passes`)
+    static_capacity: int = 0  # with graphs: the KV capacity of the step's buffers, which hold the prefix
 
     @property
     def prefix_cache_device(self) -> int:
@@ -229,6 +238,12 @@ def _layer_peak(config: DiffusionGemmaConfig, batch: int, queries: int, context:
     return 6 * rows * h * BF16 + masks + max(attention, feed_forward)
 
 
+def static_capacity(config: DiffusionGemmaConfig) -> int:
+    """The static decoder step's KV capacity, as the engine makes it: a longer prefix decodes on the
+    dynamic cache."""
+    return min(config.text_config.max_position_embeddings, PLANNED_CONTEXT)
+
+
 def _step_transients(config: DiffusionGemmaConfig, context: int, batch: int) -> dict[str, int]:
     """The largest temporaries of one decoder forward for `batch` canvas rows."""
     tc = config.text_config
@@ -243,17 +258,20 @@ def _step_transients(config: DiffusionGemmaConfig, context: int, batch: int) -> 
     }
 
 
-def static_step_terms(config: DiffusionGemmaConfig, context: int, batch: int = 1) -> dict[str, int]:
-    """What the static decoder step with CUDA graphs holds for good (see the module docstring)."""
+def static_step_terms(config: DiffusionGemmaConfig, batch: int = 1) -> dict[str, int]:
+    """What the static decoder step with CUDA graphs holds for good (see the module docstring): its
+    buffers at `static_capacity`, whatever the context, since the engine makes them so."""
     tc = config.text_config
     canvas = config.canvas_length or 256
+    capacity = static_capacity(config)
     size = bucket(min(batch, BUCKETS[-1]))
-    transients = _step_transients(config, context, size)
-    held = {kind: min(context, tc.sliding_window - 1) if kind == "sliding_attention" else context
+    # The step attends to every slot of its buffers (the masks hide the empty ones).
+    transients = _step_transients(config, capacity, size)
+    held = {kind: min(capacity, tc.sliding_window - 1) if kind == "sliding_attention" else capacity
             for kind in set(tc.layer_types)}
     masks = sum(canvas * (slots + canvas) for slots in held.values())  # one boolean mask per kind
     return {
-        "static step: kv buffers": sum(kv_cache_bytes(config, context).values()) + masks,
+        "static step: kv buffers": sum(kv_cache_bytes(config, capacity).values()) + masks,
         f"static step: inputs (bucket {size})": size * canvas * (tc.vocab_size * BF16 + 8 + 1),
         "static step: graph pool (estimate)": max(transients.values()),
     }
@@ -268,21 +286,28 @@ def pass_terms(config: DiffusionGemmaConfig, context: int, batch: int = 1,
     rows, vocab = batch * canvas, tc.vocab_size
     logits = rows * vocab * FP32
     # The sampler works on SAMPLE_CHUNK_BYTES of positions x vocabulary at a time; it holds four such
-    # temporaries at once: gathered rows, softmax, log-softmax and their product.
-    chunk_rows = min(rows, max(1, sampler.SAMPLE_CHUNK_BYTES // (vocab * FP32)))
-    # With graphs the forward's temporaries are in the graph's pool (static_step_terms).
-    transients = {} if graphs else _step_transients(config, context, batch)
+    # temporaries at once: gathered rows, softmax, log-softmax and their product. The final
+    # log-probabilities (sampler.token_logprobs) take the same chunks, two at once.
+    chunk_rows = min(rows, sampler.chunk_positions(vocab))
+    # With graphs the prefix lives in the static step's buffers while it fits them, and the
+    # forward's temporaries are in the graph's pool (static_step_terms); beyond the capacity the
+    # engine decodes on the dynamic cache, beside the buffers it keeps.
+    in_step = graphs and context <= static_capacity(config)
+    transients = {} if in_step else _step_transients(config, context, batch)
     transients.update({
         "sampler, 4 fp32 chunks": 4 * chunk_rows * vocab * FP32,
-        "final log-probs, 2 fp32 logits": 2 * logits,
+        "next self-conditioning logits (bf16)": rows * vocab * BF16,
+        "final log-probs, 2 fp32 chunks": 2 * chunk_rows * vocab * FP32,
     })
     # A step's fp32 logits (with graphs, their clone) live from its forward's end to its own end
-    # (denoise_step), so they sit beside the sampler's temporaries but not beside the next forward's.
-    held = {name: logits if name.startswith("sampler") else 0 for name in transients}
+    # (denoise_step), so they sit beside the sampler's temporaries and the bf16 copy the step hands
+    # the next one, but not beside the next forward's, nor the final log-probs.
+    held = {name: logits if name.startswith(("sampler", "next")) else 0 for name in transients}
     largest = max(transients, key=lambda name: held[name] + transients[name])
-    static = static_step_terms(config, context, batch) if graphs else {}
+    static = static_step_terms(config, batch) if graphs else {}
+    kv = {} if in_step else {"kv cache": sum(kv_cache_bytes(config, context, last_pass=canvas).values())}
     decode = {
-        "kv cache": sum(kv_cache_bytes(config, context, last_pass=canvas).values()),
+        **kv,
         **static,
         # The canvas rows of one request read one cache through an expanded view (no copy).
         **({"logits (fp32, this step's)": logits} if held[largest] else {}),
@@ -291,7 +316,9 @@ def pass_terms(config: DiffusionGemmaConfig, context: int, batch: int = 1,
     }
     chunk = min(prefill_chunk or context, context)
     prefill = {
-        "kv cache": sum(kv_cache_bytes(config, context, last_pass=chunk).values()),
+        # Into the static step's buffers a sliding layer keeps its window, not a view of the pass;
+        # the pass's own keys are the layer's (below).
+        **({} if in_step else {"kv cache": sum(kv_cache_bytes(config, context, last_pass=chunk).values())}),
         **static,
         f"largest layer for {chunk} tokens": _layer_peak(config, 1, chunk, context - chunk),
     }
@@ -329,14 +356,17 @@ def plan(
     if graphs is None:
         graphs = static_mode(torch.device("cuda")) == "graphs"
     canvas = config.canvas_length or 256
+    capacity = static_capacity(config) if graphs else 0
+    in_step = graphs and context <= capacity
     return MemoryPlan(
         vram=vram, context=context, canvas=canvas, batch=batch,
         prefill_chunk=min(prefill_chunk or context, context),
         experts_format=experts_format, dense_format=dense_format,
         weights=weight_bytes(meta_model(config), experts_format, dense_format),
-        kv_detail=kv_cache_bytes(config, context, last_pass=canvas),
+        kv_detail=kv_cache_bytes(config, capacity) if in_step else kv_cache_bytes(config, context, last_pass=canvas),
         passes=pass_terms(config, context, batch, prefill_chunk, graphs),
         cuda_context=cuda_context, prefix_cache_host=default_budget(torch.device("cuda")), graphs=graphs,
+        static_capacity=capacity,
     )
 
 
@@ -366,7 +396,11 @@ def format_plan(p: MemoryPlan) -> str:
     for name, n in sorted(p.weights.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {name:<44}{gib(n)}")
     lines.append(f"  {'total':<44}{gib(p.weights_total)}")
-    lines.append(f"kv cache at {p.context} tokens while decoding (bf16)")
+    if p.graphs and p.context <= p.static_capacity:
+        room = "" if p.context == p.static_capacity else f", which hold {p.static_capacity}"
+        lines.append(f"kv cache at {p.context} tokens (bf16): its one copy, in the static step's buffers{room}")
+    else:
+        lines.append(f"kv cache at {p.context} tokens while decoding (bf16)")
     for kind, n in p.kv_detail.items():
         lines.append(f"  {kind:<44}{gib(n)}")
     lines.append(f"peak of each pass besides the weights (canvas {p.canvas} x {p.batch} rows, "
@@ -379,6 +413,8 @@ def format_plan(p: MemoryPlan) -> str:
     step = ("static decoder step with CUDA graphs (its buffers and graph pool above; DGEMMA_GRAPHS=0: "
             "dynamic cache)" if p.graphs else "dynamic cache, no CUDA graphs (DGEMMA_GRAPHS=0)")
     lines.append(f"decoder: {step}")
+    if p.graphs:
+        lines.append(f"  {POOL_NOTE}")
     resident = (f"the most recent entry also on the GPU within {p.prefix_cache_device / GIB:.2f} GiB of the headroom"
                 if p.prefix_cache_device else "none on the GPU")
     lines.append(f"prefix cache: in host memory ({p.prefix_cache_host / GIB:.2f} GiB budget), {resident}")

@@ -20,7 +20,9 @@ Where the memory plan leaves room (``device_bytes``, from the plan's headroom on
 CPU), the most recently used entry also stays on the device, compact: a hit on it copies nothing.
 It shares its tensors with the cache handed out, which costs nothing until that cache grows:
 transformers' cache layers rebind their tensors on append, never write into them (as
-``denoise.expand_cache`` relies on too).
+``denoise.expand_cache`` relies on too). With the static decoder step the engine copies a hit into
+the step's buffers and drops the copy it was handed (``static_step.BufferCache``, which does write
+into its buffers, never into the tensors it was made from); stored entries are compact copies of it.
 """
 from __future__ import annotations
 

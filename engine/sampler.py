@@ -14,6 +14,11 @@ import torch
 SAMPLE_CHUNK_BYTES = 32 << 20
 
 
+def chunk_positions(vocab: int) -> int:
+    """Canvas positions per chunk: SAMPLE_CHUNK_BYTES of fp32 (positions x vocabulary), at least one."""
+    return max(1, SAMPLE_CHUNK_BYTES // (vocab * 4))
+
+
 def sample_positions(logits: torch.Tensor, index: torch.Tensor, generator: torch.Generator | None,
                       exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sampled token, argmax and entropy at the flat canvas positions ``index`` of (B, C, V) logits,
@@ -21,7 +26,7 @@ def sample_positions(logits: torch.Tensor, index: torch.Tensor, generator: torch
     all positions in one call: transformers draws them that way, and its random stream depends on it."""
     vocab = logits.shape[-1]
     flat = logits.view(-1, vocab)
-    chunk = index.numel() if exact else max(1, SAMPLE_CHUNK_BYTES // (vocab * 4))
+    chunk = index.numel() if exact else chunk_positions(vocab)
     sampler = _sample_like_transformers if exact else _sample
     tokens, argmax, entropies = [], [], []
     for start in range(0, index.numel(), chunk):
@@ -31,6 +36,27 @@ def sample_positions(logits: torch.Tensor, index: torch.Tensor, generator: torch
         argmax.append(rows.argmax(-1))
         entropies.append(h)
     return torch.cat(tokens), torch.cat(argmax), torch.cat(entropies)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """``log_softmax(logits.float() * scale).gather(tokens)`` for (B, C, V) logits, (B, C) tokens and
+    a ``scale`` that broadcasts to (B, C, 1) (a row's temperature): (B, C) log-probabilities, fp32.
+    A chunk of positions at a time (`chunk_positions`), so two fp32 chunks (the scaled logits and
+    their log-softmax) exist at once instead of two fp32 copies of the whole batch (0.5 GiB for one
+    256-token canvas at 262k vocabulary); every position's numbers are the ones the whole-batch
+    expression gives, since each row's log-softmax is computed on its own."""
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    index = tokens.reshape(-1, 1)
+    scale = torch.as_tensor(scale, device=logits.device)
+    scales = torch.broadcast_to(scale, (*tokens.shape, 1)).reshape(-1, 1)
+    chunk = chunk_positions(vocab)
+    parts = []
+    for start in range(0, flat.shape[0], chunk):
+        raw = flat[start:start + chunk].float() * scales[start:start + chunk]
+        parts.append(torch.log_softmax(raw, dim=-1).gather(-1, index[start:start + chunk]).squeeze(-1))
+        del raw
+    return torch.cat(parts).view(tokens.shape)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

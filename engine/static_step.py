@@ -2,11 +2,14 @@
 
 Everything one step reads has a shape fixed by (row bucket, canvas length, KV capacity):
 
-* the prefix KV is copied, once per canvas, into buffers preallocated per layer
-  ([1, kv heads, capacity, head dim]; a sliding-window layer holds at most ``sliding_window - 1``
-  tokens, as transformers' cache does), left-aligned, the unused slots masked out. This is a second
-  copy of the prefix beside the engine's transformers cache, which the encoder keeps extending and
-  the prefix cache stores; the memory plan counts it (engine/plan.py);
+* the prefix KV lives in buffers preallocated per layer ([1, kv heads, capacity, head dim]; a
+  sliding-window layer holds at most ``sliding_window - 1`` tokens, as transformers' cache does),
+  left-aligned, the unused slots masked out. The engine's own cache is a ``BufferCache`` over these
+  buffers (``StaticStep.cache``): a transformers cache whose encoder passes (prefill, commit) write
+  straight into them, so the prefix exists once. ``load`` copies a cache in only when it is not that
+  one (a branch of a request with several alternatives, a cache made elsewhere), and first gives
+  the buffers' current ``BufferCache`` copies of its own (``detach``), so no cache ever sees its
+  prefix overwritten; the memory plan counts the buffers (engine/plan.py);
 * the attention masks ([1, 1, canvas, capacity + canvas] per attention kind) and the canvas
   positions are buffers too, rewritten in place by ``load``;
 * rows are padded to a bucket of 1, 2, 4 or 8 (more rows run eight at a time); each bucket's
@@ -32,12 +35,14 @@ takes minutes per bucket on a CPU. ``Engine.generate`` (a batch of prompts, no p
 """
 from __future__ import annotations
 
+import copy
 import os
+import weakref
 from types import SimpleNamespace
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from dgemma.errors import DgemmaError
 
@@ -66,6 +71,89 @@ def static_mode(device: torch.device, graphs_fit: bool = True) -> str | None:
     if value == "0" or (value == "" and (device.type != "cuda" or not graphs_fit)):
         return None
     return "graphs" if device.type == "cuda" else "eager"
+
+
+class BufferCache(DynamicCache):
+    """A transformers cache whose prefix lives in a ``StaticStep``'s KV buffers (``StaticStep.cache``
+    makes it): its layers are transformers' own dynamic layers holding views of the buffers, and an
+    encoder pass appends in place instead of concatenating. A full-attention layer writes the new
+    keys after the ones it holds and returns the view of all of them; a sliding-window layer returns
+    what transformers' returns (its window and the new keys, concatenated: the attention needs them)
+    and keeps the last ``sliding_window - 1`` of them in its buffer. The tensors an encoder pass
+    returns, and so its outputs, are the dynamic cache's.
+
+    Anything that copies a cache (``copy.deepcopy``, ``prefix_cache.copy_cache``) gets a plain
+    ``DynamicCache`` with compact tensors. A pass that would overflow the buffers, or a batch of more
+    than one row, first ``detach``es the cache: its layers get compact copies of their own, and it
+    goes on as a plain dynamic cache (the engine then decodes it on the model)."""
+
+    def __init__(self, config, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        super().__init__(config=config)
+        if len(self.layers) != len(keys):
+            raise ValueError(f"the config has {len(self.layers)} cache layers, the buffers {len(keys)}")
+        self.buffer_keys, self.buffer_values = keys, values
+        self.attached = True
+        for layer, buffer in zip(self.layers, keys):
+            # What `lazy_initialization` sets, with the (empty) views of the buffers as the tensors.
+            layer.device, layer.is_initialized = buffer.device, True
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                layer._sliding_window_tensor = torch.full((), layer.sliding_window, dtype=torch.long,
+                                                          device=buffer.device)
+        for i in range(len(keys)):
+            self._hold(i, 0)
+
+    def _hold(self, i: int, tokens: int) -> None:
+        layer = self.layers[i]
+        layer.keys, layer.values = self.buffer_keys[i][:, :, :tokens], self.buffer_values[i][:, :, :tokens]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.attached:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        keys, values = self.buffer_keys[layer_idx], self.buffer_values[layer_idx]
+        held, new = layer.keys.shape[-2], key_states.shape[-2]
+        sliding = isinstance(layer, DynamicSlidingWindowLayer)
+        keep = min(held + new, layer.sliding_window - 1) if sliding else held + new
+        if key_states.shape[0] != 1 or keep > keys.shape[-2]:
+            self.detach()
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if not sliding:
+            keys[:, :, held:keep].copy_(key_states)
+            values[:, :, held:keep].copy_(value_states)
+            self._hold(layer_idx, keep)
+            return layer.keys, layer.values
+        layer.cumulative_length += new
+        full_keys = torch.cat([layer.keys, key_states], dim=-2)
+        full_values = torch.cat([layer.values, value_states], dim=-2)
+        keys[:, :, :keep].copy_(full_keys[:, :, held + new - keep:])
+        values[:, :, :keep].copy_(full_values[:, :, held + new - keep:])
+        self._hold(layer_idx, keep)
+        return full_keys, full_values
+
+    def detach(self) -> None:
+        """Give every layer a compact copy of its keys and values: the buffers are no longer this
+        cache's, and it goes on as a plain dynamic cache."""
+        if not self.attached:
+            return
+        for layer in self.layers:
+            layer.keys = layer.keys.clone(memory_format=torch.contiguous_format)
+            layer.values = layer.values.clone(memory_format=torch.contiguous_format)
+        self.attached = False
+
+    def __deepcopy__(self, memo: dict) -> DynamicCache:
+        # A plain DynamicCache with compact tensors: never the buffers, which a deepcopy of a view
+        # would copy whole (as it would a sliding layer's view into its last pass).
+        for layer in self.layers:
+            for t in (layer.keys, layer.values):
+                if id(t) not in memo:
+                    memo[id(t)] = t.clone(memory_format=torch.contiguous_format)
+        plain = DynamicCache.__new__(DynamicCache)
+        memo[id(self)] = plain
+        for name, value in self.__dict__.items():
+            if name not in ("buffer_keys", "buffer_values", "attached"):
+                setattr(plain, name, copy.deepcopy(value, memo))
+        return plain
 
 
 class StaticStep:
@@ -98,6 +186,7 @@ class StaticStep:
                       for kind, cap in self.capacity.items()}
         self.positions = torch.zeros(1, c, dtype=torch.long, device=self.device)
         self.prefix_length: int | None = None
+        self._owner: weakref.ref[BufferCache] | None = None  # the BufferCache over the buffers, if any
         if graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {self.device}")
         self.graphs = graphs
@@ -128,17 +217,62 @@ class StaticStep:
             cache.layers.append(layer)
         return cache
 
+    def holds(self, cache: DynamicCache) -> bool:
+        """Whether ``cache`` is the BufferCache over this step's buffers (its prefix is in them)."""
+        return isinstance(cache, BufferCache) and cache.attached and cache.buffer_keys is self.keys
+
+    def _release(self) -> None:
+        """The buffers are about to be overwritten: their BufferCache, if still in use, gets copies."""
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None and self.holds(owner):
+            owner.detach()
+        self._owner = None
+
+    def _check(self, cache: DynamicCache) -> None:
+        """Refuse a cache the buffers cannot hold, before anything is overwritten."""
+        for i, layer in enumerate(cache.layers):
+            held = layer.keys.shape[-2] if layer.is_initialized else 0
+            if held > self.keys[i].shape[-2]:
+                raise ValueError(f"layer {i} holds {held} tokens, more than the step's capacity "
+                                 f"{self.keys[i].shape[-2]}")
+
+    def _copy_in(self, cache: DynamicCache) -> None:
+        for i, layer in enumerate(cache.layers):
+            held = layer.keys.shape[-2] if layer.is_initialized else 0
+            if held:
+                self.keys[i][:, :, :held].copy_(layer.keys[:1])
+                self.values[i][:, :, :held].copy_(layer.values[:1])
+
+    @torch.no_grad()
+    def cache(self, source: DynamicCache | None = None) -> BufferCache:
+        """A BufferCache over the buffers holding ``source``'s batch-1 prefix (copied in: drop
+        ``source`` to free its tensors), or empty. It is the buffers' one cache from now on: the
+        previous one, if still in use, gets copies of its own first."""
+        if source is not None:
+            self._check(source)
+        self._release()
+        cache = BufferCache(self.config.text_config, self.keys, self.values)
+        if source is not None and source.get_seq_length() > 0:
+            self._copy_in(source)
+            for i, layer in enumerate(source.layers):
+                if layer.is_initialized:
+                    cache._hold(i, layer.keys.shape[-2])
+                if isinstance(layer, DynamicSlidingWindowLayer):
+                    cache.layers[i].cumulative_length = layer.cumulative_length
+        self._owner = weakref.ref(cache)
+        return cache
+
     @torch.no_grad()
     def load(self, cache: DynamicCache) -> None:
-        """Copy a batch-1 prefix cache into the buffers and set the masks and positions for it."""
+        """Set the masks and positions for a batch-1 prefix cache, copying it into the buffers first
+        unless it is their BufferCache (``holds``)."""
         length = cache.get_seq_length()
+        if not self.holds(cache):
+            self._check(cache)
+            self._release()
+            self._copy_in(cache)
         for i, layer in enumerate(cache.layers):
             held = layer.keys.shape[-2]
-            cap = self.keys[i].shape[-2]
-            if held > cap:
-                raise ValueError(f"layer {i} holds {held} tokens, more than the step's capacity {cap}")
-            self.keys[i][:, :, :held].copy_(layer.keys[:1])
-            self.values[i][:, :, :held].copy_(layer.values[:1])
             self.keys[i][:, :, held:].zero_()
             self.values[i][:, :, held:].zero_()
         c = self.canvas_length

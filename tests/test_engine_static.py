@@ -31,11 +31,14 @@ def _texts(result) -> list[str]:
 def _requests(engine: Engine) -> list[list[str]]:
     # A fill of 3 alternatives: 4 slot lengths x 3 draws = 12 rows, a bucket of 8 and one of 4
     # (padded); 40 tokens take several canvases, each committed before the next is decoded.
-    # Then the same fill one keystroke on (a prefix-cache hit), and an edit block by block.
+    # Then the same fill one keystroke on (a prefix-cache hit), an edit block by block, and a fill
+    # ranked by suffix fit (an encoder pass on a view of the cache).
     return [_texts(engine.fill(LINES + "resu", "\n", n=3, max_tokens=40, seed=5, settings=FAST)),
             _texts(engine.fill(LINES + "resul", "\n", n=3, max_tokens=40, seed=5, settings=FAST)),
             _texts(engine.edit("x = 0\n", "".join(f"v{i} = {i}\n" for i in range(12)), "print(v)\n",
-                               "Clean up", n=2, seed=1, settings=FAST))]
+                               "Clean up", n=2, seed=1, settings=FAST)),
+            _texts(engine.fill(LINES + "res", "\nprint(result)\n", n=2, max_tokens=20, seed=2,
+                               settings={**FAST, "rank_by": "suffix_fit"}))]
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +91,27 @@ def test_a_failing_static_step_falls_back_to_the_dynamic_cache(tiny_model_dir, m
     monkeypatch.setenv("DGEMMA_GRAPHS", "0")
     plain = Engine(engine.loaded).fill(LINES + "resu", "\n", max_tokens=8, seed=5, settings=FAST)
     assert _texts(again) == _texts(plain) and first.completions
+
+
+def test_the_prefix_lives_once_in_the_static_step(tiny_model_dir, monkeypatch, dynamic_answers) -> None:
+    """The engine's cache is the BufferCache over the step's buffers: a request with one alternative
+    copies nothing into them, however many canvases it commits, and a prefix-cache hit is copied in
+    once; several alternatives copy each branch in (the first cache keeps a copy of its own)."""
+    engine = _engine(tiny_model_dir, monkeypatch, "1")
+    copied: list[int] = []
+    copy_in = StaticStep._copy_in
+
+    def counted(self, cache) -> None:
+        copied.append(cache.get_seq_length())
+        copy_in(self, cache)
+    monkeypatch.setattr(StaticStep, "_copy_in", counted)
+    one = engine.fill(LINES + "resu", "\n", max_tokens=40, seed=5, settings=FAST)
+    assert one.canvases > 1 and copied == []
+    hit = engine.fill(LINES + "resul", "\n", max_tokens=40, seed=5, settings=FAST)
+    assert hit.cached_tokens > 0 and copied == [hit.cached_tokens]
+    ids, stable, _ = engine._context(engine.bos_token, LINES + "res", 56)
+    cache, cached = engine._prefill(ids, stable)
+    assert engine._static.holds(cache) and cached == hit.cached_tokens
+    copied.clear()
+    assert _texts(engine.fill(LINES + "resu", "\n", n=3, max_tokens=40, seed=5, settings=FAST)) == dynamic_answers[0]
+    assert copied  # the branches

@@ -75,7 +75,8 @@ def test_sync_counter_sees_each_kind_of_sync() -> None:
 
 def test_decoder_and_encoder_passes_never_sync_at_the_26b_shape(monkeypatch) -> None:
     """Full 26B-A4B config, NVFP4 experts through the Triton dispatch, on the meta device: a cold
-    prefill into a fresh cache (two 1,024-token passes), a decoder forward of two rows, a commit."""
+    prefill into a fresh cache (two 1,024-token passes), a decoder forward of two rows, a commit;
+    then the prefill and commit into the static step's buffers."""
     monkeypatch.setenv("DGEMMA_KERNELS", "triton")
     config = load_config("diffusiongemma-26B-A4B")
     text = config.text_config
@@ -103,6 +104,17 @@ def test_decoder_and_encoder_passes_never_sync_at_the_26b_shape(monkeypatch) -> 
     for counter, chunks in ((prefill, 2), (decoder, 1), (commit, 1)):
         assert not counter.syncs, counter.report()
         assert counter.ops["dgemma.moe_w4a16_mm.default"] == 2 * text.num_hidden_layers * chunks
+    # The same passes straight into the static step's buffers (static_step.BufferCache), as the
+    # engine runs them with the static step, and the step's load of that cache.
+    step = StaticStep(model, capacity=8192)
+    buffers = step.cache()
+    with torch.no_grad(), SyncCounter() as into_buffers:
+        for _ in range(2):
+            encode(model, torch.randint(0, text.vocab_size, (1, 1024), device=meta), buffers)
+        step.load(buffers)
+        encode(model, canvas[:1], buffers)
+    assert not into_buffers.syncs, into_buffers.report()
+    assert step.holds(buffers) and buffers.get_seq_length() == 2048 + config.canvas_length
 
 
 INTERPRETED = textwrap.dedent(
