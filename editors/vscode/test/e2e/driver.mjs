@@ -11,6 +11,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { createRequire } from "node:module";
+import { fileURLToPath } from "node:url";
 
 const env = process.env;
 const WS = env.E2E_WORKSPACE ?? ".";
@@ -83,9 +84,16 @@ function writeWorkspaceSettings(values = {}) {
   fs.writeFileSync(WS_SETTINGS, JSON.stringify(values, null, 2));
 }
 
+// The server's `dgemma.status` command (vscode-languageclient registers the server's commands;
+// the package contributes no palette entry for it) on a key: its answer in the LSP trace has
+// the timing of the last model call, for the latency case.
+const STATUS_KEY = "Control+Alt+Shift+F12";
+const KEYBINDINGS = [{ key: "ctrl+alt+shift+f12", command: "dgemma.status" }];
+
 if (process.argv.includes("--prepare")) {
   fs.writeFileSync(FILE, ORIGINAL);
   fs.writeFileSync(env.E2E_SETTINGS, JSON.stringify(userSettings(), null, 2));
+  fs.writeFileSync(path.join(path.dirname(env.E2E_SETTINGS), "keybindings.json"), JSON.stringify(KEYBINDINGS, null, 2));
   writeWorkspaceSettings();
   process.exit(0);
 }
@@ -125,19 +133,23 @@ function traceText() {
   walk(LOGS);
   return files.map((p) => fs.readFileSync(p, "utf8")).join("\n");
 }
-/** Trace entries: {head: "Received response 'workspace/executeCommand - (4)' in 12ms.", body}. */
+/**
+ * Trace entries: {head: "Received response 'workspace/executeCommand - (4)' in 12ms.", body, at}, `at`
+ * the extension host's clock when it logged the entry (ms since the epoch; the log's local time).
+ */
 function trace() {
   const out = [];
   for (const chunk of traceText().split(/^(?=\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ \[)/m)) {
-    const m = /^\S+ \S+ \[\w+\] (.*)\n(?:(?:Params|Result): )?([\s\S]*)$/.exec(chunk.trimEnd() + "\n");
+    const m = /^(\S+) (\S+) \[\w+\] (.*)\n(?:(?:Params|Result): )?([\s\S]*)$/.exec(chunk.trimEnd() + "\n");
     if (!m) continue;
+    const at = new Date(`${m[1]}T${m[2]}`).getTime(); // no zone: local time, as the log writes it
     let body;
     try {
-      body = m[2].trim() ? JSON.parse(m[2]) : undefined;
+      body = m[4].trim() ? JSON.parse(m[4]) : undefined;
     } catch {
-      body = m[2].trim();
+      body = m[4].trim();
     }
-    out.push({ head: m[1], body });
+    out.push({ head: m[3], body, at });
   }
   return out;
 }
@@ -403,6 +415,240 @@ CASES["explicit-trigger"] = async () => {
   check((await readDocument()) === ORIGINAL, "a suggestion changed the document without Tab");
 };
 
+// ---- enter-latency: what a user waits for ghost text after a new line -----------------------------
+// A measurement, never an assertion: the case fails only when no try shows ghost text (or a try
+// gets no answer within awaitSuggestion's 90 s), never because the machine is slow.
+const PACKAGE = JSON.parse(fs.readFileSync(path.join(path.dirname(fileURLToPath(import.meta.url)), "..", "..", "package.json"), "utf8"));
+const DEFAULT_DEBOUNCE_MS = PACKAGE.contributes.configuration.properties["dgemma.debounceMs"].default;
+const LATENCY_JSON = path.join(env.E2E_ARTIFACTS ?? ".", "enter-latency.json");
+const LATENCY_TRIES = 10;
+// New lines at the ends of these lines (0-based), in this order, until LATENCY_TRIES showed ghost
+// text: places where the model had nothing are skipped. Neither 11 (the ghost-text case's line:
+// its answer may be in the server's cache) nor 20 (explicit-trigger). The warm-up is line 0.
+const LATENCY_WARM_UP = 0;
+const LATENCY_LINES = [3, 4, 5, 6, 7, 10, 12, 13, 14, 15, 18, 19, 21, 2, 9, 17, 8, 16, 1, 22];
+const GHOST = ".monaco-editor .ghost-text-decoration, .monaco-editor .ghost-text-decoration-preview, .monaco-editor .ghost-text";
+
+const requestId = (e) => Number(/ - \((\d+)\)'/.exec(e.head)?.[1]);
+/** The textDocument/inlineCompletion requests among trace entries: {id, sent, received?}. */
+function inlineExchanges(entries) {
+  const byId = new Map();
+  for (const e of entries) {
+    if (isA(e, "Sending request", "textDocument/inlineCompletion")) byId.set(requestId(e), { id: requestId(e), sent: e });
+    else if (isA(e, "Received response", "textDocument/inlineCompletion") && byId.has(requestId(e))) byId.get(requestId(e)).received = e;
+  }
+  return [...byId.values()];
+}
+const answered = (x) => x.received && !/Request failed/.test(x.received.head) &&
+  (x.received.body?.items ?? []).some((i) => String(i.insertText?.value ?? i.insertText ?? "").trim());
+const roundTripMs = (x) => Number(/ in (\d+)ms\./.exec(x.received.head)?.[1]);
+
+/** No inline completion request open, and nothing in the LSP trace for half a second. */
+async function inlineQuiet(since) {
+  await until("the inline completion requests to settle", 120_000, async () => {
+    const t = trace().slice(since);
+    if (inlineExchanges(t).some((x) => !x.received)) return false;
+    if (await ghostText()) await page.keyboard.press("Escape");
+    return Date.now() - (t.length ? t[t.length - 1].at : 0) > 500;
+  }, 100);
+}
+/**
+ * In the page: the moment the next Enter reaches it (a capturing keydown listener on window, before
+ * the editor's own) and the first moment after it that the ghost-text DOM holds text (a
+ * MutationObserver, which runs right after the DOM changes, before the frame is painted), both
+ * with performance.now(); and a Date.now() at the same instant as a performance.now(), to put
+ * them on the extension host's clock (the LSP trace's timestamps).
+ */
+async function armGhostClock() {
+  await page.evaluate((selector) => {
+    const old = window.__dgemmaClock;
+    if (old) {
+      old.observer.disconnect();
+      window.removeEventListener("keydown", old.onKey, true);
+    }
+    const c = { enterAt: null, ghostAt: null, text: "", perf0: performance.now(), date0: Date.now() };
+    c.seen = new Promise((resolve) => (c.resolve = resolve));
+    c.onKey = (e) => {
+      if (e.key === "Enter" && c.enterAt === null) c.enterAt = performance.now();
+    };
+    c.observer = new MutationObserver(() => {
+      if (c.enterAt === null || c.ghostAt !== null) return;
+      // The outermost matches; with syntax highlighting a line's ghost text is many sibling spans,
+      // joined as they are, and "⏎" between lines.
+      let text = "";
+      let parent;
+      for (const el of document.querySelectorAll(selector)) {
+        if (el.parentElement?.closest(selector)) continue;
+        if (parent !== undefined && el.parentElement !== parent) text += "⏎";
+        text += el.textContent;
+        parent = el.parentElement;
+      }
+      if (!text.trim()) return;
+      c.ghostAt = performance.now();
+      c.text = text;
+      c.observer.disconnect();
+      c.resolve(true);
+    });
+    c.observer.observe(document.body, { subtree: true, childList: true, characterData: true, attributes: true, attributeFilter: ["class"] });
+    window.addEventListener("keydown", c.onKey, true);
+    window.__dgemmaClock = c;
+  }, GHOST);
+}
+/** Waits in the page up to `ms` for the ghost text; the clock's readings. */
+async function readGhostClock(ms) {
+  return page.evaluate(async (ms) => {
+    const c = window.__dgemmaClock;
+    await Promise.race([c.seen, new Promise((r) => setTimeout(r, ms))]);
+    return { enterAt: c.enterAt, ghostAt: c.ghostAt, text: c.text, perf0: c.perf0, date0: c.date0 };
+  }, ms);
+}
+/** The server's dgemma.status (on STATUS_KEY): {last_fill, cache: {hits, misses}, …}. */
+async function serverStatus() {
+  const since = trace().length;
+  await page.keyboard.press(STATUS_KEY);
+  return until("dgemma.status's answer", 10_000, () =>
+    trace().slice(since).find((e) => isA(e, "Received response", "workspace/executeCommand"))?.body);
+}
+
+/**
+ * One try: a new line at the end of `line`, timed in the page from the Enter to the ghost text;
+ * undefined when the model had nothing there. Then Escape, Ctrl+Z, and the file as it was.
+ */
+async function enterToGhost(line) {
+  const before = trace().length;
+  await goTo(line + 1, 1);
+  await page.keyboard.press("End");
+  await inlineQuiet(before);
+  const previous = await serverStatus(); // to tell this request's model call from the cache's answer
+  const mark = trace().length;
+  await armGhostClock();
+  await page.keyboard.press("Enter");
+  let c;
+  let answeredAt;
+  for (const end = Date.now() + 90_000; ;) {
+    c = await readGhostClock(250);
+    if (c.ghostAt !== null) break;
+    if (answeredAt === undefined && inlineExchanges(trace().slice(mark)).some((x) => x.received)) answeredAt = Date.now();
+    if (answeredAt !== undefined && Date.now() - answeredAt > 3000) break;
+    if (Date.now() > end) throw new Failure(`no inline completion answer within 90 s (new line after line ${line + 1})`);
+  }
+  let result;
+  if (c.ghostAt !== null) {
+    check(c.enterAt !== null, "the page never saw the Enter");
+    const epoch = (t) => c.date0 + (t - c.perf0);
+    // The answer that put the ghost text there: the last one with text the extension host
+    // received by then (the trace has whole milliseconds: 2 ms of slack).
+    const x = await until("the answer in the LSP trace", 10_000, () => {
+      const ok = inlineExchanges(trace().slice(mark)).filter(answered);
+      return ok.filter((y) => y.received.at <= epoch(c.ghostAt) + 2).pop() ?? ok.pop();
+    });
+    const change = trace().slice(mark).find((e) => isA(e, "Sending notification", "textDocument/didChange"));
+    await page.keyboard.press("Escape");
+    const status = await serverStatus();
+    // The server's last model call is this request's when no later request came and the cache
+    // did not answer it.
+    const later = inlineExchanges(trace().slice(mark)).some((y) => y.id > x.id);
+    const fill = status?.last_fill;
+    const own = fill && !later && status.cache?.hits === previous?.cache?.hits &&
+      JSON.stringify(fill) !== JSON.stringify(previous?.last_fill);
+    result = {
+      line: line + 1, // as VS Code shows it (from 1)
+      ghost_text: c.text.slice(0, 120),
+      total_ms: tenth(c.ghostAt - c.enterAt),
+      enter_to_did_change_ms: change ? tenth(change.at - epoch(c.enterAt)) : null,
+      enter_to_request_ms: tenth(x.sent.at - epoch(c.enterAt)),
+      request_ms: roundTripMs(x),
+      answer_to_visible_ms: tenth(epoch(c.ghostAt) - x.received.at),
+      requests: inlineExchanges(trace().slice(mark)).filter((y) => y.id <= x.id).length,
+      server: own ? { server_ms: tenth(fill.server_ms), queue_ms: tenth(fill.queue_ms), engine_ms: tenth(fill.engine_ms), steps: fill.steps } : null,
+    };
+  }
+  await page.keyboard.press("Escape");
+  await page.keyboard.press("Control+Z");
+  await inlineQuiet(mark);
+  if ((await readDocument()) !== ORIGINAL) {
+    log(`latency: Ctrl+Z did not bring the file back after line ${line + 1}; restoring it`);
+    await restore({ "dgemma.debounceMs": DEFAULT_DEBOUNCE_MS });
+  }
+  return result;
+}
+
+const tenth = (x) => Math.round(x * 10) / 10;
+/** Nearest-rank percentile of sorted numbers. */
+const percentile = (sorted, p) => sorted[Math.max(0, Math.ceil((p / 100) * sorted.length) - 1)];
+const median = (values) => {
+  const v = values.filter((x) => typeof x === "number" && Number.isFinite(x)).sort((a, b) => a - b);
+  return v.length ? tenth(percentile(v, 50)) : null;
+};
+const ms = (x) => (x === null || x === undefined ? "?" : `${Math.round(x)} ms`);
+
+CASES["enter-latency"] = async () => {
+  // The extension's default debounce, whatever the e2e's user settings say for the other cases.
+  await restore({ "dgemma.debounceMs": DEFAULT_DEBOUNCE_MS });
+  const warm = await enterToGhost(LATENCY_WARM_UP);
+  log(`latency warm-up (line ${LATENCY_WARM_UP + 1}, untimed): ${warm ? "ghost text" : "no suggestion"}`);
+  const tries = [];
+  const skipped = [];
+  for (const line of LATENCY_LINES) {
+    if (tries.length === LATENCY_TRIES) break;
+    const r = await enterToGhost(line);
+    if (!r) {
+      skipped.push(line + 1);
+      log(`latency: no suggestion after line ${line + 1}; next place`);
+      continue;
+    }
+    tries.push(r);
+    log(`latency try ${tries.length} (line ${r.line}): ${ms(r.total_ms)}; Enter -> request ${ms(r.enter_to_request_ms)}, `
+      + `request ${ms(r.request_ms)} (server ${r.server ? ms(r.server.server_ms) : "?"}, engine ${r.server ? ms(r.server.engine_ms) : "?"}), `
+      + `answer -> visible ${ms(r.answer_to_visible_ms)}: ${JSON.stringify(r.ghost_text)}`);
+  }
+  check(tries.length > 0, `no ghost text after a new line at any of ${LATENCY_LINES.length} places`);
+  const totals = tries.map((t) => t.total_ms).sort((a, b) => a - b);
+  const debounceMs = serverSettings()?.debounceMs ?? DEFAULT_DEBOUNCE_MS;
+  const withServer = tries.filter((t) => t.server);
+  const parts = {
+    enter_to_did_change_ms: median(tries.map((t) => t.enter_to_did_change_ms)),
+    enter_to_request_ms: median(tries.map((t) => t.enter_to_request_ms)),
+    request_ms: median(tries.map((t) => t.request_ms)),
+    server_ms: median(withServer.map((t) => t.server.server_ms)),
+    server_debounce_ms: debounceMs,
+    queue_ms: median(withServer.map((t) => t.server.queue_ms)),
+    engine_ms: median(withServer.map((t) => t.server.engine_ms)),
+    server_other_ms: median(withServer.map((t) => t.server.server_ms - debounceMs - t.server.queue_ms - t.server.engine_ms)),
+    jsonrpc_ms: median(withServer.map((t) => t.request_ms - t.server.server_ms)),
+    answer_to_visible_ms: median(tries.map((t) => t.answer_to_visible_ms)),
+  };
+  const result = {
+    metric: "enter-to-ghost-text",
+    unit: "ms",
+    n: tries.length,
+    p50: percentile(totals, 50),
+    p90: percentile(totals, 90),
+    min: totals[0],
+    max: totals[totals.length - 1],
+    breakdown_p50: parts,
+    // VS Code's own wait before it asks (InlineCompletionsDebounce, min = max = 50 ms, in its source).
+    settings: { "dgemma.debounceMs": debounceMs, max_denoising_steps: 2, vscode_inline_suggest_debounce_ms: 50 },
+    skipped_lines: skipped,
+    tries,
+    measured: "in the page: Enter's keydown to the first DOM mutation that shows ghost text (performance.now()); "
+      + "request times from the LSP trace (extension host), server times from dgemma.status's last_fill",
+    when: new Date().toISOString(),
+  };
+  fs.writeFileSync(LATENCY_JSON, JSON.stringify(result, null, 2) + "\n");
+  latencyLines = [
+    `enter-to-ghost-text: p50 ${ms(result.p50)}, p90 ${ms(result.p90)}, min ${ms(result.min)}, max ${ms(result.max)}, n=${result.n}`,
+    `enter-to-ghost-text, medians of the parts: Enter -> request sent ${ms(parts.enter_to_request_ms)} `
+      + `(didChange sent at ${ms(parts.enter_to_did_change_ms)}; VS Code's inline-suggest debounce is 50 ms), `
+      + `request ${ms(parts.request_ms)} = dgemma lsp ${ms(parts.server_ms)} (debounce ${ms(debounceMs)}, `
+      + `daemon queue ${ms(parts.queue_ms)}, engine ${ms(parts.engine_ms)}, other ${ms(parts.server_other_ms)}) `
+      + `+ JSON-RPC/stdio ${ms(parts.jsonrpc_ms)}, answer -> visible ${ms(parts.answer_to_visible_ms)}`,
+  ];
+  for (const l of latencyLines) console.log(l);
+  log(`latency: written to ${LATENCY_JSON}`);
+};
+let latencyLines = [];
+
 CASES["palette-rewrite"] = async () => {
   // The body of mean(), whole lines (4:0-8:0), rewritten with an instruction.
   await rewriteWithSeeds("palette rewrite", {
@@ -540,5 +786,6 @@ try {
 }
 const passed = results.filter((r) => r[1]).length;
 for (const [name, ok] of results) console.log(`  ${ok ? "ok  " : "FAIL"} ${name}`);
+for (const l of latencyLines) console.log(l);
 console.log(`e2e: ${passed} passed, ${results.length - passed} failed`);
 process.exit(passed === results.length && results.length > 0 ? 0 : 1);

@@ -14,6 +14,8 @@
 # on PATH). DGEMMA_E2E_CHROMIUM: the browser (default: chromium on PATH). DGEMMA_E2E_TIMEOUT:
 # seconds the cases may take in all (default 900). A failed run keeps its folder and prints it
 # (workspace, settings, artifacts/screenshots/, logs); DGEMMA_E2E_KEEP=1 keeps it after a pass too.
+# The enter-latency case prints `enter-to-ghost-text: p50 …` and writes artifacts/enter-latency.json;
+# DGEMMA_E2E_OUT=DIR copies that file to DIR (for a benchmark: the run folder goes after a pass).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -181,6 +183,9 @@ rc=$?
 [ "$rc" -eq 124 ] && echo "[e2e] FAILED: the cases took more than ${DGEMMA_E2E_TIMEOUT:-900} s"
 set -e
 cp "$DGEMMA_RUNTIME_DIR/daemon.log" "$art/" 2>/dev/null || true
+if [ -n "${DGEMMA_E2E_OUT:-}" ] && [ -f "$art/enter-latency.json" ]; then
+  mkdir -p "$DGEMMA_E2E_OUT" && cp "$art/enter-latency.json" "$DGEMMA_E2E_OUT/" && say "latency: $DGEMMA_E2E_OUT/enter-latency.json"
+fi
 find "$run_dir/user-data/logs" -type f -name 'dgemma*.log' -exec cat {} + >"$art/dgemma-output.log" 2>/dev/null || true
 say "run took $((SECONDS - t_run)) s"
 exit "$rc"
