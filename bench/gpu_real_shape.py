@@ -36,7 +36,7 @@ from dgemma.engine.settings import SamplerSettings
 from dgemma.engine.static_step import StaticStep
 from dgemma.quant.apply import tied_groups
 from dgemma.quant.checkpoint import materialize_meta
-from dgemma.quant.formats import QuantizedWeight, block_size
+from dgemma.kernels.packed import QuantizedWeight, block_size
 from dgemma.quant.meta import load_config, meta_model
 from dgemma.quant.modules import QuantizedExperts
 

@@ -45,7 +45,7 @@ def quantize_cmd(
     import torch
 
     from dgemma.quant.checkpoint import load_quantized_into
-    from dgemma.quant.formats import FORMATS
+    from dgemma.kernels.packed import FORMATS
     from dgemma.quant.meta import load_config, meta_model
     from dgemma.quant.reader import TensorStore, quant_format
     from dgemma.quant.writer import LAYOUTS, VISION_MODULES, save_quantized

@@ -4,6 +4,9 @@
 `DGEMMA_KERNELS=triton` forces Triton, which off CUDA only works under
 `TRITON_INTERPRET=1` (how the CPU tests exercise the kernels); `auto` (or unset) is the
 default. Any other value is an error rather than a silent fallback.
+
+The kernels are the lowest layer: the 4-bit weight they take is `dgemma.kernels.packed`, and
+nothing here imports dgemma.quant (which builds and stores those weights).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from dgemma.kernels.reference import moe_w4a16_ref, w4a16_matmul_ref
-from dgemma.quant.formats import QuantizedWeight
+from dgemma.kernels.packed import QuantizedWeight
 
 __all__ = ["w4a16_matmul", "moe_w4a16", "use_triton", "w4a16_matmul_ref", "moe_w4a16_ref"]
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dgemma.quant.formats import QuantizedWeight
+from dgemma.kernels.packed import QuantizedWeight
 
 
 def w4a16_matmul_ref(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from dgemma.kernels.moe_align import MOE_CHUNK_TOKENS, moe_align
-from dgemma.quant.formats import QuantizedWeight, code_table
+from dgemma.kernels.packed import QuantizedWeight, code_table
 
 # Triton 3.9's interpreter computes tl.dot on bf16/fp16 operands as garbage (checked on CPU),
 # so under TRITON_INTERPRET the operands are widened to fp32 first; compiled kernels are unaffected.

@@ -1,7 +1,9 @@
 """4-bit weights for DiffusionGemma: NVFP4 / NF4 formats, quantized experts, checkpoints, memory plan.
 
 Modules (each one job):
-  formats     NVFP4 and NF4 quantize / dequantize / pack in plain torch
+  formats     NVFP4 and NF4 rounding / quantize / pack in plain torch, producing the packed weight
+              that dgemma.kernels.packed defines (QuantizedWeight, code tables, dequantize): the
+              kernels compute on it and sit below this package
   modules     QuantizedExperts (drop-in for DiffusionGemmaTextExperts), QuantLinear
   apply       quantize_model: in-place quantization, tied encoder/decoder weights shared
   reader      safetensors access and checkpoint format detection
@@ -27,8 +29,9 @@ _LAZY = {
     "QuantizedExperts": "dgemma.quant.modules",
     "QuantLinear": "dgemma.quant.modules",
     "quantize": "dgemma.quant.formats",
-    "dequantize": "dgemma.quant.formats",
-    "QuantizedWeight": "dgemma.quant.formats",
+    # The packed weight and its decoding are defined with the kernels (one definition, one layer down).
+    "dequantize": "dgemma.kernels.packed",
+    "QuantizedWeight": "dgemma.kernels.packed",
 }
 
 __all__ = list(_LAZY)

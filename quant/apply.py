@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dgemma.quant.formats import FORMATS
+from dgemma.kernels.packed import FORMATS
 from dgemma.quant.modules import QuantizedExperts, QuantLinear
 
 # Dense Linears that stay in high precision: the router decides which experts run

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dgemma.kernels.packed import FORMATS
 from dgemma.quant.apply import dense_candidate, drop_expert_ties, linear_to_nf4, tied_groups
-from dgemma.quant.formats import FORMATS, quantize as quantize_weight, stack_weights
+from dgemma.quant.formats import quantize as quantize_weight, stack_weights
 from dgemma.quant.layouts import bnb_state, has_bnb_nf4, read_experts, read_linear
 from dgemma.quant.modules import Packed4bit, QuantizedExperts, QuantLinear
 from dgemma.quant.reader import CheckpointError, TensorStore, quant_format

@@ -1,94 +1,24 @@
-"""4-bit weight formats in plain torch: NVFP4 and NF4.
+"""Producing NVFP4 and NF4 weights in plain torch: rounding to the codes, quantizing, packing.
 
-Both formats store two 4-bit codes per byte (first element of a pair in the low
-nibble), one scale per block of consecutive input-dim elements, and decode a code
-through a 16-entry table. They differ only in the table, the block size and how the
-block scale is stored, which is why one `QuantizedWeight` and one kernel serve both:
-
-* NVFP4: E2M1 table, blocks of 16, block scales in E4M3 (float8_e4m3fn) and a fp32
-  global multiplier (amax / (6 * 448)) so the block scales use E4M3's whole range.
-* NF4: the QLoRA normal-float table, blocks of 64, fp32 absmax block scales (global 1).
-
-A weight of shape [..., N, K] (out, in) packs to `packed` [..., N, K/2] uint8 and
-`scales` [..., N, K/block]. `global_scale` is [..., S]: S contiguous row segments
-each with its own multiplier, because checkpoints quantize gate and up projections
-separately and we fuse them without re-quantizing.
+The layout they produce, `QuantizedWeight` with its code tables, block sizes and decoding
+(`dequantize`), is `dgemma.kernels.packed`: the kernels compute on it and sit below quant/, so it
+is defined there and this module builds on it. Block scales use E4M3's whole range for NVFP4
+(a fp32 global multiplier of amax / (6 * 448)) and the block absmax for NF4.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-NVFP4_BLOCK = 16
-NF4_BLOCK = 64
+# NVFP4_BLOCK and NF4_BLOCK are not used here: dgemma.engine.plan still reads them from this module
+# (it may import dgemma.kernels.packed directly; then they can go).
+from dgemma.kernels.packed import NF4_BLOCK, NF4_VALUES, NVFP4_BLOCK, QuantizedWeight, block_size, split_blocks
+
+__all__ = ["E4M3_MAX", "E2M1_MAX", "NF4_BLOCK", "NVFP4_BLOCK", "stack_weights", "pack_codes", "e2m1_codes",
+           "nf4_codes", "nvfp4_global_scale", "quantize"]
+
 E4M3_MAX = 448.0
 E2M1_MAX = 6.0
-
-# Code c in 0..15: bit 3 is the sign, bits 0..2 index the magnitudes.
-E2M1_VALUES = torch.tensor(
-    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
-    dtype=torch.float32,
-)
-# bitsandbytes' NF4 code book (normal quantiles, exact zero at code 7).
-NF4_VALUES = torch.tensor(
-    [
-        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-    ],
-    dtype=torch.float32,
-)
-
-FORMATS = ("nvfp4", "nf4")
-
-
-def block_size(fmt: str) -> int:
-    if fmt == "nvfp4":
-        return NVFP4_BLOCK
-    if fmt == "nf4":
-        return NF4_BLOCK
-    raise ValueError(f"unknown 4-bit format {fmt!r} (expected one of {', '.join(FORMATS)})")
-
-
-def code_table(fmt: str) -> torch.Tensor:
-    block_size(fmt)
-    return E2M1_VALUES if fmt == "nvfp4" else NF4_VALUES
-
-
-@dataclass
-class QuantizedWeight:
-    """A 4-bit weight [..., N, K]; see the module docstring for the layout."""
-
-    fmt: str
-    packed: torch.Tensor  # uint8 [..., N, K/2]
-    scales: torch.Tensor  # float8_e4m3fn (nvfp4) or float32 (nf4), [..., N, K/block]
-    global_scale: torch.Tensor  # float32 [..., S]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (*self.packed.shape[:-1], self.packed.shape[-1] * 2)
-
-    @property
-    def block(self) -> int:
-        return block_size(self.fmt)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.global_scale))
-
-    def to(self, device: torch.device | str) -> "QuantizedWeight":
-        return QuantizedWeight(
-            self.fmt, self.packed.to(device), self.scales.to(device), self.global_scale.to(device)
-        )
-
-    def __getitem__(self, idx: int) -> "QuantizedWeight":
-        """One expert of a stacked [E, N, K] weight."""
-        return QuantizedWeight(self.fmt, self.packed[idx], self.scales[idx], self.global_scale[idx])
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self, dtype)
 
 
 def stack_weights(qs: list[QuantizedWeight]) -> QuantizedWeight:
@@ -106,18 +36,12 @@ def stack_weights(qs: list[QuantizedWeight]) -> QuantizedWeight:
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """[..., K] codes 0..15 -> [..., K/2] uint8, element 2j in the low nibble."""
+    """[..., K] codes 0..15 -> [..., K/2] uint8, element 2j in the low nibble (the inverse of
+    dgemma.kernels.packed.unpack_codes)."""
     if codes.shape[-1] % 2:
         raise ValueError("the input dimension must be even to pack two codes per byte")
     c = codes.to(torch.uint8)
     return c[..., 0::2] | (c[..., 1::2] << 4)
-
-
-def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
-    """[..., K/2] uint8 -> [..., K] codes (int64, usable as an index)."""
-    lo = (packed & 0x0F).long()
-    hi = (packed >> 4).long()
-    return torch.stack((lo, hi), dim=-1).flatten(-2)
 
 
 # ---------------------------------------------------------------------------
@@ -152,13 +76,7 @@ def nf4_codes(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
-# quantize / dequantize
-
-
-def _blocks(w: torch.Tensor, block: int) -> torch.Tensor:
-    if w.shape[-1] % block:
-        raise ValueError(f"input dimension {w.shape[-1]} is not a multiple of the block size {block}")
-    return w.reshape(*w.shape[:-1], w.shape[-1] // block, block)
+# quantize
 
 
 def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
@@ -175,7 +93,7 @@ def quantize(w: torch.Tensor, fmt: str = "nvfp4", segments: int = 1) -> Quantize
     n = wf.shape[-2]
     if n % segments:
         raise ValueError(f"{n} rows do not split into {segments} segments")
-    blocks = _blocks(wf, block)  # [..., N, K/b, b]
+    blocks = split_blocks(wf, block)  # [..., N, K/b, b]
     block_amax = blocks.abs().amax(dim=-1)  # [..., N, K/b]
     if fmt == "nvfp4":
         seg_amax = block_amax.reshape(*block_amax.shape[:-2], segments, -1).amax(dim=-1)  # [..., S]
@@ -193,19 +111,3 @@ def quantize(w: torch.Tensor, fmt: str = "nvfp4", segments: int = 1) -> Quantize
         codes = nf4_codes(blocks / denom[..., None])
     packed = pack_codes(codes.flatten(-2))
     return QuantizedWeight(fmt, packed.contiguous(), scales.contiguous(), g.float().contiguous())
-
-
-def dequantize(q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[..., N, K] weight in `dtype`, computed in fp32 as code value × (block scale × global scale).
-
-    The effective block scale is formed first, as NVIDIA ModelOpt's NVFP4 dequantization does,
-    so a ModelOpt checkpoint decodes to exactly ModelOpt's values (tests/test_quant_real_tools.py).
-    compressed-tensors divides by its global scale where we (and vLLM) multiply by the stored
-    reciprocal: the two can differ in the last bits of fp32 (~1e-7 relative), not beyond."""
-    table = code_table(q.fmt).to(q.packed.device)
-    vals = table[unpack_codes(q.packed)]  # [..., N, K]
-    n = q.packed.shape[-2]
-    segs = q.global_scale.shape[-1]
-    g_rows = q.global_scale.float().repeat_interleave(n // segs, dim=-1)[..., None]  # [..., N, 1]
-    block_scale = q.scales.float() * g_rows  # [..., N, K/block]
-    return (_blocks(vals, q.block) * block_scale[..., None]).flatten(-2).to(dtype)

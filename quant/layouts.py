@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from dgemma.quant.formats import QuantizedWeight, stack_weights
+from dgemma.kernels.packed import QuantizedWeight
+from dgemma.quant.formats import stack_weights
 from dgemma.quant.reader import COMPRESSED_TENSORS, DGEMMA, MODELOPT, CheckpointError, TensorStore
 
 E4M3 = torch.float8_e4m3fn

@@ -54,7 +54,7 @@ def with_meta_quantized_experts(model: DiffusionGemmaForBlockDiffusion, fmt: str
     on meta (shape only, no memory), shared by encoder and decoder as quantize_model shares it. For
     counting what a forward dispatches at the real shape (tests/test_host_syncs.py, bench/engine.py)."""
     from dgemma.quant.apply import drop_expert_ties, tied_groups
-    from dgemma.quant.formats import QuantizedWeight, block_size
+    from dgemma.kernels.packed import QuantizedWeight, block_size
     from dgemma.quant.modules import QuantizedExperts
 
     def weight(shape: tuple[int, ...]) -> QuantizedWeight:

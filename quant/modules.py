@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from dgemma.kernels import moe_w4a16, w4a16_matmul
-from dgemma.quant.formats import QuantizedWeight, quantize, stack_weights
+from dgemma.kernels.packed import QuantizedWeight
+from dgemma.quant.formats import quantize, stack_weights
 
 
 class Packed4bit(nn.Module):

@@ -457,7 +457,7 @@ def test_config_names_match_the_loaders():
 
     from dgemma.daemon.config import DTYPES, QUANTIZATIONS
     from dgemma.engine.loading import pick_dtype
-    from dgemma.quant.formats import FORMATS
+    from dgemma.kernels.packed import FORMATS
 
     cpu = torch.device("cpu")
     assert {pick_dtype(name, cpu) for name in DTYPES if name not in ("fp16", "float16")} == \

@@ -18,7 +18,8 @@ SCRIPT = textwrap.dedent(
     import os
     import torch
     from transformers.activations import ACT2FN
-    from dgemma.quant.formats import QuantizedWeight, quantize
+    from dgemma.kernels.packed import QuantizedWeight
+    from dgemma.quant.formats import quantize
     from dgemma.kernels import triton_w4a16
     from dgemma.kernels.triton_w4a16 import _moe_block_m, moe_w4a16_triton, w4a16_matmul_triton
     from dgemma.kernels.reference import moe_w4a16_ref, w4a16_matmul_ref

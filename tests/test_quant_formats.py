@@ -3,16 +3,8 @@
 import pytest
 import torch
 
-from dgemma.quant.formats import (
-    E2M1_VALUES,
-    NF4_VALUES,
-    QuantizedWeight,
-    dequantize,
-    e2m1_codes,
-    pack_codes,
-    quantize,
-    unpack_codes,
-)
+from dgemma.kernels.packed import E2M1_VALUES, NF4_VALUES, QuantizedWeight, dequantize, unpack_codes
+from dgemma.quant.formats import e2m1_codes, pack_codes, quantize
 
 
 def test_packing_puts_first_element_in_low_nibble():
