@@ -187,6 +187,8 @@ def fill(
     no_daemon: bool = NoDaemonOpt,
     model: Optional[str] = ModelOpt,
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Token budget of the middle."),
+    lines: Optional[int] = typer.Option(None, "--lines", min=1,
+                                        help="At most this many lines (1: the rest of the line, decoded fastest)."),
     steps: Optional[int] = StepsOpt,
     seed: Optional[int] = SeedOpt,
 ) -> None:
@@ -197,10 +199,15 @@ def fill(
     src = read_source(name)
     prefix, suffix = split_at(src, line, col)
     with _too_large(src.shown):
-        res = _run_request("fill", {"prefix": prefix, "suffix": suffix, "max_tokens": max_tokens, "seed": seed,
-                                    "settings": _settings(steps)},
-                           no_daemon=no_daemon, model=model)
+        # An explicit request: the middle holds at least one token of code (engine/answers.py).
+        params = {"prefix": prefix, "suffix": suffix, "max_tokens": max_tokens, "min_tokens": 1, "seed": seed,
+                  "settings": _settings(steps)}
+        if lines is not None:
+            params["max_lines"] = lines
+        res = _run_request("fill", params, no_daemon=no_daemon, model=model)
     middle = res["completions"][0]["text"] if res.get("completions") else ""
+    if not middle:
+        raise DgemmaError("empty", f"the model returned nothing for {src.shown}:{line}:{col}")
     if json_out:
         print(json.dumps({"middle": middle, "model": res.get("model"), "steps": res.get("steps"),
                           "ms": round(float(res.get("ms", 0.0)), 1), "prefix_dropped": res.get("prefix_dropped", 0),

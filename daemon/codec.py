@@ -28,6 +28,8 @@ def engine_kwargs(method: str, params: dict[str, Any], limits: Limits) -> dict[s
     if method == "fill":
         kwargs["max_tokens"] = max_tokens if max_tokens is not None else min(256, limits.max_tokens)
         kwargs["max_lines"] = p(params, "max_lines", int, None, min=1, max=1 << 20)
+        # An explicit request for code (`dgemma fill`, an invoked completion) asks for at least this.
+        kwargs["min_tokens"] = p(params, "min_tokens", int, 0, min=0, max=kwargs["max_tokens"])
     else:
         kwargs["selection"] = p(params, "selection", str)
         kwargs["instruction"] = p(params, "instruction", str, "")
@@ -69,6 +71,7 @@ def result_payload(res: Result, model_name: str | None) -> dict[str, Any]:
         "prefix_dropped": int(res.prefix_dropped),
         "suffix_dropped": int(res.suffix_dropped),
         "canvases": int(res.canvases),
+        "rows": int(res.rows),
     }
 
 

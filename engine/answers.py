@@ -22,25 +22,41 @@ def regeneration_budget(selection: str, cap: int) -> int:
     return min(estimate * 3 // 2 + 64, cap)
 
 
+def regeneration_minimum(selection: str) -> int:
+    """min_tokens for rewriting ``selection``: none for a blank one; for code, half its estimated
+    tokens, so that the answer is code of about its size, never an empty middle."""
+    if not selection.strip():
+        return 0
+    return max(1, (len(selection.strip().encode("utf-8")) // CHARS_PER_TOKEN + 1) // 2)
+
+
 def answer(engine: FillEngine, method: str, kwargs: dict[str, Any], **control: Any) -> Result:
     """Run a `fill` or `edit` (kwargs from `daemon/codec.py` `engine_kwargs`; control: settings, on_step,
     cancel, deadline) and clean its completions. An edit without an instruction regenerates the
-    selection as the middle between what surrounds it. A cleaned text of "" means nothing to apply."""
+    selection as the middle between what surrounds it. A cleaned text of "" means nothing to apply.
+
+    A request that asks for code (an edit of code, a fill with ``min_tokens``) gets it: the engine's
+    rows cannot end before the minimum, and rows that clean to nothing rank last."""
     kwargs = dict(kwargs)
     prefix, suffix = kwargs["prefix"], kwargs["suffix"]
     if method == "fill":
-        max_lines = kwargs.pop("max_lines", None)
-        res = engine.fill(**kwargs, **control)
-        return _cleaned(res, lambda text: postprocess(text, prefix, suffix, max_lines=max_lines))
+        max_lines = kwargs.get("max_lines")
+        return _answered(engine.fill, kwargs, control,
+                         lambda text: postprocess(text, prefix, suffix, max_lines=max_lines))
     selection = kwargs["selection"]
+    minimum = regeneration_minimum(selection)
+    kwargs["min_tokens"] = min(minimum, kwargs.get("max_tokens") or minimum)
     if kwargs["instruction"].strip():
-        res = engine.edit(**kwargs, **control)
-        return _cleaned(res, lambda text: clean_replacement(text, selection, prefix, suffix))
+        return _answered(engine.edit, kwargs, control, lambda text: clean_replacement(text, selection, prefix, suffix))
     del kwargs["selection"], kwargs["instruction"], kwargs["strength"]
-    res = engine.fill(**kwargs, **control)
-    return _cleaned(res, lambda text: clean_replacement(postprocess(text, prefix, suffix), selection, prefix, suffix))
+    return _answered(engine.fill, kwargs, control,
+                     lambda text: clean_replacement(postprocess(text, prefix, suffix), selection, prefix, suffix))
 
 
-def _cleaned(res: Result, clean: Callable[[str], str]) -> Result:
+def _answered(run: Callable[..., Result], kwargs: dict[str, Any], control: dict[str, Any],
+              clean: Callable[[str], str]) -> Result:
+    if kwargs.get("min_tokens"):
+        kwargs["accept"] = lambda text: bool(clean(text))
+    res = run(**kwargs, **control)
     return dataclasses.replace(res, completions=[dataclasses.replace(c, text=clean(c.text))
                                                  for c in res.completions])

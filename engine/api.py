@@ -35,6 +35,7 @@ class Result:
     completions: list[Completion]
     steps: int = 0
     canvases: int = 0
+    rows: int = 0  # canvas rows decoded, over every canvas and batch
     prompt_tokens: int = 0
     cached_tokens: int = 0
     prefix_dropped: int = 0  # characters at the start of the prefix the model did not see (engine/window.py)
@@ -77,11 +78,13 @@ class FillEngine(Protocol):
     @property
     def prefix_cache(self) -> ReleasableCache: ...
 
-    def fill(self, prefix: str, suffix: str, *, n: int = 1, max_tokens: int = 256, seed: int | None = None,
+    def fill(self, prefix: str, suffix: str, *, n: int = 1, max_tokens: int = 256, max_lines: int | None = None,
+             min_tokens: int = 0, accept: Callable[[str], bool] | None = None, seed: int | None = None,
              settings: SamplerSettings | dict | None = None, on_step: Callable[[Draft], None] | None = None,
              cancel: CancelSignal | None = None, deadline: float | None = None) -> Result: ...
 
     def edit(self, prefix: str, selection: str, suffix: str, instruction: str, *, n: int = 1,
-             strength: float = 0.5, max_tokens: int | None = None, seed: int | None = None,
+             strength: float = 0.5, max_tokens: int | None = None, min_tokens: int = 0,
+             accept: Callable[[str], bool] | None = None, seed: int | None = None,
              settings: SamplerSettings | dict | None = None, on_step: Callable[[Draft], None] | None = None,
              cancel: CancelSignal | None = None, deadline: float | None = None) -> Result: ...

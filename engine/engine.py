@@ -16,8 +16,8 @@ import torch
 from transformers import DynamicCache
 
 from dgemma.engine.api import Completion, Draft, Result
-from dgemma.engine.canvas import CanvasPlan, line_drafts, plan_rows, slot_candidates, slot_tokens
-from dgemma.engine.denoise import Interrupt, StepState, denoise, encode
+from dgemma.engine.canvas import CanvasPlan, FillPlan, Row, line_drafts, plan_rows, slot_candidates, slot_tokens
+from dgemma.engine.denoise import Ban, Interrupt, StepState, denoise, encode
 from dgemma.errors import DgemmaError
 from dgemma.engine.loading import LoadedModel
 from dgemma.engine.prefix_cache import PrefixCache, copy_cache, default_budget
@@ -53,7 +53,10 @@ class _Request:
     generator: torch.Generator
     interrupt: Interrupt
     on_step: Callable[[Draft], None] | None
+    canvas: int  # positions of every canvas of the request: the model's canvas, or a line's
+    min_tokens: int  # leading slots of the first canvas that cannot end the middle
     steps: int = 0
+    rows: int = 0  # rows decoded, over all canvases
     canvases: int = 0
     committed: list[int] = field(default_factory=list)  # middle tokens of earlier canvases, for drafts
 
@@ -108,37 +111,47 @@ class Engine:
     def model_name(self) -> str:
         return self.loaded.name
 
-    def fill(self, prefix: str, suffix: str, *, n: int = 1, max_tokens: int = 256, seed: int | None = None,
+    def fill(self, prefix: str, suffix: str, *, n: int = 1, max_tokens: int = 256, max_lines: int | None = None,
+             min_tokens: int = 0, accept: Callable[[str], bool] | None = None, seed: int | None = None,
              settings: SamplerSettings | dict | None = None, on_step: Callable[[Draft], None] | None = None,
              cancel: object | None = None, deadline: float | None = None) -> Result:
-        """The middle between ``prefix`` and ``suffix``: n alternatives, best first."""
+        """The middle between ``prefix`` and ``suffix``: n alternatives, best first.
+
+        ``max_lines=1`` asks for one line, which the line plan decodes on a short canvas with few
+        rows (settings ``line_canvas``, ``line_draws``). The first ``min_tokens`` tokens of every row
+        cannot end the middle, and rows whose text ``accept`` refuses (the text of their first
+        canvas) rank after every other row: a request for code (an explicit fill, a regenerated
+        selection) gets code back."""
         _check_text(prefix=prefix, suffix=suffix)
         _check_counts(n, max_tokens)
+        _check_minimum(min_tokens, max_tokens)
         if not prefix and not suffix:
             raise DgemmaError("invalid_params", "Nothing to fill: prefix and suffix are both empty.")
+        settings = self._settings(settings)
+        min_tokens += _indentation_token(prefix) if min_tokens else 0
+        drafts = [self._encode(d) for d in line_drafts(prefix)] if settings.draft_strength else []
+        plan = FillPlan.of(self.canvas_length, settings.line_canvas, max_lines, max(n, settings.draws),
+                           max(n, settings.line_draws), min_tokens, drafts)
         # Room after the prefix: the canvases max_tokens can take, and the suffix head scored after them.
-        room = self.canvas_length * math.ceil(min(max_tokens, MAX_NEW_TOKENS) / self.canvas_length)
+        room = plan.canvas if plan.line else self.canvas_length * math.ceil(min(max_tokens, MAX_NEW_TOKENS) / self.canvas_length)
         ids, stable, window = self._context(self.bos_token, prefix, room + SUFFIX_FIT_TOKENS)
         suffix = self._suffix(suffix)
-        settings = self._settings(settings)
-        drafts = [self._encode(d) for d in line_drafts(prefix)] if settings.draft_strength else []
 
-        def plans(block: int, budget: int) -> list[tuple[int, list[int] | None]]:
-            lengths = slot_candidates(self.canvas_length, budget)
-            # Drafts seed the first canvas only: later ones continue a middle already begun.
-            return [(m, None) for m in lengths] + [(lengths[-1], d) for d in (drafts if block == 0 else [])]
-
-        return self._run(ids, stable, suffix.ids, plans, n=n, max_tokens=max_tokens, seed=seed,
+        return self._run(ids, stable, suffix.ids, plan.rows, n=n, max_tokens=max_tokens, seed=seed,
                          settings=settings, on_step=on_step, cancel=cancel, deadline=deadline,
-                         strength=settings.draft_strength, dropped=(window.dropped, suffix.dropped))
+                         strength=settings.draft_strength, dropped=(window.dropped, suffix.dropped),
+                         canvas=plan.canvas, min_tokens=min_tokens, accept=accept)
 
     def edit(self, prefix: str, selection: str, suffix: str, instruction: str, *, n: int = 1,
-             strength: float = 0.5, max_tokens: int | None = None, seed: int | None = None,
+             strength: float = 0.5, max_tokens: int | None = None, min_tokens: int = 0,
+             accept: Callable[[str], bool] | None = None, seed: int | None = None,
              settings: SamplerSettings | dict | None = None, on_step: Callable[[Draft], None] | None = None,
              cancel: object | None = None, deadline: float | None = None) -> Result:
-        """A rewrite of ``selection`` following ``instruction``; canvases start from the selection."""
+        """A rewrite of ``selection`` following ``instruction``; canvases start from the selection.
+        ``min_tokens`` and ``accept`` as in `fill`."""
         _check_text(prefix=prefix, selection=selection, suffix=suffix, instruction=instruction)
         _check_counts(n, max_tokens)
+        _check_minimum(min_tokens, max_tokens)
         if not instruction.strip():
             raise DgemmaError("invalid_params", "The edit instruction is empty.")
         if not 0.0 <= strength <= 1.0:
@@ -158,20 +171,23 @@ class Engine:
             raise self._selection_too_large(f"{len(selection_ids)} tokens")
         ids, stable, window = self._context(self._instruction_prompt(instruction), prefix, room)
         suffix = self._suffix(suffix)
+        settings = self._settings(settings)
         chunks = [selection_ids[i * canvas:(i + 1) * canvas] for i in range(full_blocks)]
         last = selection_ids[full_blocks * canvas:]
 
-        def plans(block: int, budget: int) -> list[tuple[int, list[int] | None]]:
+        def plans(block: int, budget: int) -> list[Row]:
+            draws = max(n, settings.draws) if block == 0 else 1
             if block < len(chunks):
-                return [(canvas, chunks[block])]
+                return [(canvas, chunks[block])] * draws
             if block == len(chunks):
-                return [(min(longest, len(last) + slack, budget), last)]
+                return [(max(min(longest, len(last) + slack, budget), min(min_tokens, longest)), last)] * draws
             return []  # the selection is rewritten: no further canvases
 
         budget = max_tokens if max_tokens is not None else min(MAX_NEW_TOKENS, len(selection_ids) + slack + canvas)
         return self._run(ids, stable, suffix.ids, plans, n=n, max_tokens=budget, seed=seed, settings=settings,
                          on_step=on_step, cancel=cancel, deadline=deadline, strength=strength,
-                         dropped=(window.dropped, suffix.dropped))
+                         dropped=(window.dropped, suffix.dropped), canvas=canvas, min_tokens=min_tokens,
+                         accept=accept)
 
     def _selection_too_large(self, size: str) -> DgemmaError:
         return DgemmaError("too_large", f"The selection is {size}: rewriting it needs more than the model's "
@@ -283,31 +299,36 @@ class Engine:
             encode(self.model, chunk, cache)
 
     # ------------------------------------------------------------------ canvases -> completions
-    def _noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(0, self.vocab_size, (batch, self.canvas_length), device=self.device,
+    def _noise(self, batch: int, generator: torch.Generator, length: int | None = None) -> torch.Tensor:
+        return torch.randint(0, self.vocab_size, (batch, length or self.canvas_length), device=self.device,
                              generator=generator)
 
-    def _plan(self, rows: list[tuple[int, list[int] | None]], suffix_ids: list[int], strength: float,
-              generator: torch.Generator) -> CanvasPlan:
-        noise = self._noise(len(rows), generator)
+    def _plan(self, rows: list[Row], suffix_ids: list[int], strength: float, generator: torch.Generator,
+              canvas: int, min_tokens: int = 0) -> CanvasPlan:
+        noise = self._noise(len(rows), generator, canvas)
         seeds = [seed for _, seed in rows]
+        slots = [m for m, _ in rows]
         if all(seed is None for seed in seeds):
-            return plan_rows(noise, [m for m, _ in rows], suffix_ids, self.eos_id, self.pad_id)
+            return plan_rows(noise, slots, suffix_ids, self.eos_id, self.pad_id, min_tokens=min_tokens)
         renoise = torch.rand(noise.shape, device=self.device, generator=generator) < strength
         renoise[[i for i, seed in enumerate(seeds) if seed is None]] = True  # unseeded rows: all noise
-        return plan_rows(noise, [m for m, _ in rows], suffix_ids, self.eos_id, self.pad_id,
-                         seeds=[seed or [] for seed in seeds], renoise=renoise)
+        return plan_rows(noise, slots, suffix_ids, self.eos_id, self.pad_id,
+                         seeds=[seed or [] for seed in seeds], renoise=renoise, min_tokens=min_tokens)
 
-    def _decode_canvas(self, cache: DynamicCache, rows: list[tuple[int, list[int] | None]], suffix_ids: list[int],
+    def _decode_canvas(self, cache: DynamicCache, rows: list[Row], suffix_ids: list[int],
                        strength: float, req: _Request) -> list[_Row]:
         """Denoise one canvas for every planned row, ``max_rows`` rows per batch."""
         decoded = []
-        decoder = self._decoder(cache)
+        decoder = self._decoder(cache, req.canvas)
+        # The middle's minimum length binds its first canvas; later ones continue it.
+        min_tokens = req.min_tokens if req.canvases == 0 else 0
         for start in range(0, len(rows), self.max_rows):
-            plan = self._plan(rows[start:start + self.max_rows], suffix_ids, strength, req.generator)
+            plan = self._plan(rows[start:start + self.max_rows], suffix_ids, strength, req.generator, req.canvas,
+                              min_tokens)
             observer = self._draft_observer(plan, req) if req.on_step else None
+            ban = Ban(plan.unended, (self.eos_id, self.pad_id)) if plan.unended is not None else None
             args = (cache, plan.tokens.to(self.device), plan.pinned.to(self.device), req.settings, req.generator,
-                    req.interrupt, observer)
+                    req.interrupt, observer, False, ban)
             try:
                 outcome = denoise(decoder, *args)
             except DgemmaError:
@@ -324,20 +345,22 @@ class Engine:
                 decoder = self.model
                 outcome = denoise(decoder, *args)
             req.steps += outcome.steps
+            req.rows += len(plan.slots)
             argmax, logprobs = outcome.argmax.tolist(), outcome.logprobs
             for i, m in enumerate(plan.slots):
                 tokens, finished = slot_tokens(argmax[i], m, self.eos_id)
                 # A canvas with no pinned tail is a middle block of a long edit: more follows it.
-                finished = finished and m < self.canvas_length
+                finished = finished and m < req.canvas
                 scored = len(tokens) + 1 if finished else m  # the closing <eos> is part of the answer
                 decoded.append(_Row(tokens, finished, float(logprobs[i, :scored].sum()), scored))
         req.canvases += 1
         return decoded
 
-    def _decoder(self, cache: DynamicCache) -> StaticStep | torch.nn.Module:
-        """What denoises against ``cache``: the static step with the prefix loaded (made, and on a
-        GPU its graphs captured, on first use), or the model on the dynamic cache."""
-        if self.static_mode is None or cache.get_seq_length() > self.static_capacity:
+    def _decoder(self, cache: DynamicCache, canvas: int) -> StaticStep | torch.nn.Module:
+        """What denoises a ``canvas``-position canvas against ``cache``: the static step with the
+        prefix loaded (made, and on a GPU its graphs captured, on first use), or the model on the
+        dynamic cache."""
+        if self.static_mode is None or cache.get_seq_length() > self.static_capacity or canvas != self.canvas_length:
             return self.model
         if self._static is None:
             self._static = StaticStep(self.model, self.static_capacity, graphs=self.static_mode == "graphs")
@@ -361,31 +384,35 @@ class Engine:
 
     @torch.no_grad()
     def _run(self, ids: list[int], stable: int, suffix_ids: list[int],
-             plans: Callable[[int, int], list[tuple[int, list[int] | None]]], *, n: int, max_tokens: int,
+             plans: Callable[[int, int], list[Row]], *, n: int, max_tokens: int,
              seed: int | None, settings: SamplerSettings | dict | None, on_step: Callable[[Draft], None] | None,
-             cancel: object | None, deadline: float | None, strength: float,
-             dropped: tuple[int, int] = (0, 0)) -> Result:
+             cancel: object | None, deadline: float | None, strength: float, canvas: int, min_tokens: int,
+             accept: Callable[[str], bool] | None, dropped: tuple[int, int] = (0, 0)) -> Result:
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
         settings = self._settings(settings)
         started = time.perf_counter()
         req = _Request(settings=settings, generator=torch.Generator(self.device).manual_seed(int(seed)),
-                       interrupt=Interrupt(cancel, deadline), on_step=on_step)
+                       interrupt=Interrupt(cancel, deadline), on_step=on_step, canvas=canvas,
+                       min_tokens=min_tokens)
         req.interrupt.check()
         cache, cached = self._prefill(ids, stable)
 
-        # First canvas: every planned layout, drawn max(n, draws) times, in one batch. An empty
-        # middle comes last (a request for a fill wants text, and closing at once is the cheapest
-        # thing a model can say); then, when the settings rank by it, the row that leads best
-        # into the suffix (ranking.py); then rows that ran out of slots (they cost another
-        # canvas each); then the rows most like all the others (ranking.py).
-        decoded = self._decode_canvas(cache, plans(0, max_tokens) * max(n, settings.draws), suffix_ids,
-                                      strength, req)
-        votes = agreement([self._decode(row.tokens) for row in decoded])
+        # First canvas: every planned layout (the plan draws each several times), in one batch.
+        # A row whose text the request does not accept comes last, then an empty middle (a request
+        # for a fill wants text, and closing at once is the cheapest thing a model can say); then,
+        # when the settings rank by it, the row that leads best into the suffix (ranking.py); then
+        # rows that ran out of slots (they cost another canvas each); then the rows most like all
+        # the others (ranking.py).
+        decoded = self._decode_canvas(cache, plans(0, max_tokens), suffix_ids, strength, req)
+        texts = [self._decode(row.tokens) for row in decoded]
+        accepted = [accept is None or accept(text) for text in texts]
+        votes = agreement(texts)
         fits = self._fits(cache, len(ids), decoded, suffix_ids, settings)
         chosen, seen = [], set()
         for i in sorted(range(len(decoded)), reverse=True, key=lambda i: (
-                bool(decoded[i].tokens), fits[i] or 0.0, decoded[i].finished, votes[i], decoded[i].score)):
+                accepted[i], bool(decoded[i].tokens), fits[i] or 0.0, decoded[i].finished, votes[i],
+                decoded[i].score)):
             if len(chosen) == n:
                 break
             if tuple(decoded[i].tokens) not in seen:
@@ -398,7 +425,8 @@ class Engine:
             row = self._continue(branch, len(ids), row, suffix_ids, plans, max_tokens, strength, req)
             completions.append(Completion(text=self._decode(row.tokens), score=row.score, agreement=vote,
                                           fit=fit, tokens=len(row.tokens), finished=row.finished))
-        return Result(completions=completions, steps=req.steps, canvases=req.canvases, prompt_tokens=len(ids),
+        return Result(completions=completions, steps=req.steps, canvases=req.canvases, rows=req.rows,
+                      prompt_tokens=len(ids),
                       cached_tokens=cached, prefix_dropped=dropped[0], suffix_dropped=dropped[1],
                       ms=(time.perf_counter() - started) * 1000, seed=int(seed), model=self.loaded.name)
 
@@ -416,7 +444,7 @@ class Engine:
         return [by_middle[tuple(row.tokens)] for row in rows]
 
     def _continue(self, cache: DynamicCache, context: int, row: _Row, suffix_ids: list[int],
-                  plans: Callable[[int, int], list[tuple[int, list[int] | None]]], max_tokens: int,
+                  plans: Callable[[int, int], list[Row]], max_tokens: int,
                   strength: float, req: _Request) -> _Row:
         """Commit the canvas and decode the next one until the middle ends, the plan runs out, the
         token budget is spent or the context is full."""
@@ -459,6 +487,17 @@ def _check_text(**values: object) -> None:
     for name, value in values.items():
         if not isinstance(value, str):
             raise DgemmaError("invalid_params", f"'{name}' must be a string, got {type(value).__name__}.")
+
+
+def _check_minimum(min_tokens: object, max_tokens: int | None) -> None:
+    if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or not 0 <= min_tokens <= (max_tokens or MAX_NEW_TOKENS):
+        raise DgemmaError("invalid_params", f"min_tokens must be an integer in 0..max_tokens, got {min_tokens!r}.")
+
+
+def _indentation_token(prefix: str) -> int:
+    """1 when the cursor starts a line: a middle written there usually opens with indentation,
+    a token that is not yet code."""
+    return 0 if prefix[prefix.rfind("\n") + 1:].strip() else 1
 
 
 def _check_counts(n: object, max_tokens: object) -> None:

@@ -10,6 +10,7 @@ from dgemma.errors import DgemmaError
 MAX_DRAWS = 16
 RANKINGS = ("agreement", "suffix_fit")
 MAX_STEPS = 1024
+MAX_LINE_CANVAS = 4096
 # Every setting's type and range, checked one by one wherever settings come from (a request, the
 # config file, a checkpoint): (kind, low, high, low inclusive, what to say). Numbers must be
 # finite; the bounds keep every value representable in the model's float32/bf16 arithmetic.
@@ -22,6 +23,8 @@ _SPECS: dict[str, tuple[type, float, float, bool, str]] = {
     "confidence_threshold": (float, 0.0, 1e6, False, "a number in (0, 1e6]"),
     "draws": (int, 1, MAX_DRAWS, True, f"an integer in 1..{MAX_DRAWS}"),
     "draft_strength": (float, 0.0, 1.0, True, "a number in [0, 1)"),
+    "line_canvas": (int, 0, MAX_LINE_CANVAS, True, f"an integer in 0..{MAX_LINE_CANVAS} (0: off)"),
+    "line_draws": (int, 1, MAX_DRAWS, True, f"an integer in 1..{MAX_DRAWS}"),
 }
 
 
@@ -74,6 +77,11 @@ class SamplerSettings:
     draws: int = 1  # canvases drawn per middle length; the n alternatives are the best distinct ones
     rank_by: str = "agreement"  # or "suffix_fit" (ranking.py): needs an encoder that predicts the next token
     draft_strength: float = 0.0  # > 0: fills also start rows from nearby lines, this share renoised
+    # The line plan (docs/engine.md, "One line"): a fill of one line (max_lines=1) decodes a canvas
+    # of line_canvas positions (at most the model's; 0 decodes it like any fill), line_draws draws
+    # of each of its two middle lengths.
+    line_canvas: int = 64
+    line_draws: int = 1
 
     def __post_init__(self) -> None:
         for f in fields(self):

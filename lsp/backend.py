@@ -37,7 +37,7 @@ class Backend(Protocol):
 
     async def fill(self, prefix: str, suffix: str, *, document: str, max_tokens: int, n: int = 1,
                    seed: int | None = None, sampler: dict[str, Any] | None = None,
-                   max_lines: int | None = None) -> FillResult: ...
+                   max_lines: int | None = None, min_tokens: int = 0) -> FillResult: ...
 
     async def edit(self, prefix: str, selection: str, suffix: str, instruction: str, *, document: str,
                    strength: float = 0.5, seed: int | None = None, max_tokens: int | None = None,
@@ -141,10 +141,12 @@ class DaemonBackend:
 
     async def fill(self, prefix: str, suffix: str, *, document: str, max_tokens: int, n: int = 1,
                    seed: int | None = None, sampler: dict[str, Any] | None = None,
-                   max_lines: int | None = None) -> FillResult:
+                   max_lines: int | None = None, min_tokens: int = 0) -> FillResult:
         # Ghost text cannot be streamed through LSP, so drafts are not requested.
         params: dict[str, Any] = {"prefix": prefix, "suffix": suffix, "document": document,
                                   "max_tokens": max_tokens, "n": n, "stream": False}
+        if min_tokens:
+            params["min_tokens"] = min_tokens
         if max_lines is not None:
             params["max_lines"] = max_lines
         return await self._request("fill", _extra(params, seed, sampler))

@@ -26,7 +26,7 @@ from dgemma.lsp.context import RingBuffer, build_prompt, language_of, offset_at,
 from dgemma.lsp.progress import StateReporter
 from dgemma.lsp.settings import Settings
 from dgemma.lsp.transport import DgemmaProtocol, serve_stdio
-from dgemma.lsp.triggers import Debouncer, Latest, should_trigger
+from dgemma.lsp.triggers import automatic_lines, Debouncer, Latest, should_trigger
 
 log = logging.getLogger("dgemma.lsp")
 
@@ -171,7 +171,12 @@ async def _complete(ls: DgemmaLanguageServer, uri: str, position: types.Position
     try:
         result = await ls.latest.run(uri, gen, ls.backend.fill(
             prompt.prefix, prompt.suffix, document=uri, max_tokens=max_tokens,
-            n=s.n, seed=s.seed, sampler=s.sampler, max_lines=s.max_lines_automatic if automatic else None,
+            n=s.n, seed=s.seed, sampler=s.sampler,
+            # Typing gets one line unless a block's body starts here; an invoked completion is a
+            # request for code, which the engine answers with at least a token (engine/answers.py).
+            max_lines=automatic_lines(text[:offset], text[offset:line_end], s.max_lines_automatic)
+            if automatic else None,
+            min_tokens=0 if automatic else 1,
         ))
     except DgemmaError as exc:
         ls.reporter.request_failed(exc)
@@ -327,7 +332,8 @@ async def fill(ls: DgemmaLanguageServer, *args: Any) -> dict[str, Any]:
     ls.reporter.busy("Filling")
     try:
         res = await ls.backend.fill(prompt.prefix, prompt.suffix, document=_edit_key(uri),
-                                    max_tokens=s.max_tokens_invoked, n=s.n, seed=s.seed, sampler=s.sampler)
+                                    max_tokens=s.max_tokens_invoked, n=s.n, seed=s.seed, sampler=s.sampler,
+                                    min_tokens=1)
     except DgemmaError as exc:
         ls.reporter.request_failed(exc, always=True)
         return {"applied": False, "error": exc.code, "message": exc.message}

@@ -66,7 +66,10 @@ class Settings:
                 continue
             current = getattr(self, name)
             try:
-                if isinstance(current, bool):
+                # By name first: the seed's current value may be an int, and None (random) is valid.
+                if name == "seed":
+                    changes[name] = None if value is None else int(value)
+                elif isinstance(current, bool):
                     changes[name] = bool(value)
                 elif isinstance(current, int) and not isinstance(current, bool):
                     changes[name] = int(value)
@@ -76,8 +79,6 @@ class Settings:
                     if not isinstance(value, dict):
                         raise TypeError(name)
                     changes[name] = dict(value)
-                elif name == "seed":
-                    changes[name] = None if value is None else int(value)
                 else:
                     changes[name] = value
             except (TypeError, ValueError):

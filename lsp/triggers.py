@@ -37,6 +37,24 @@ def should_trigger(line_before: str, line_after: str, automatic: bool, max_line_
     return True
 
 
+# The end of a line that opens a block whose body comes next: Python's `:`, braces, brackets,
+# an arrow function, a shell/Ruby/Lua `do`/`then`; a trailing `#` or `//` comment may follow.
+_OPENS_BLOCK = re.compile(r"(?:[:{(\[]|=>|\bdo|\bthen)\s*(?:(?:#|//)[^\"']*)?$")
+
+
+def automatic_lines(text_before: str, line_after: str, max_lines: int) -> int:
+    """How many lines automatic ghost text may have at the cursor: one, the case a user waits on
+    (the engine decodes it on its fast line plan), unless the cursor sits alone on a line below
+    one that opens a block: there the body is the suggestion, up to ``max_lines`` (as Copilot
+    shows a whole body after a signature). ``text_before`` is the document up to the cursor."""
+    line_start = text_before.rfind("\n") + 1
+    if text_before[line_start:].strip() or line_after.strip() or not line_start:
+        return 1
+    above = text_before[:line_start - 1]
+    previous = above[above.rfind("\n") + 1:].rstrip()  # the line right above, less a CR
+    return max_lines if _OPENS_BLOCK.search(previous) else 1
+
+
 # Daemon errors that mean "stopped early, nobody needs the answer" (daemon/scheduler.py STOP_REPLIES):
 # a newer request for the document took over, or the request was cancelled. Not failures to report.
 STOPPED_CODES = frozenset({"superseded", "cancelled"})

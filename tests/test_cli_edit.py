@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 
-from dgemma.engine.answers import regeneration_budget
+from dgemma.engine.answers import regeneration_budget, regeneration_minimum
 from dgemma.cli.doctor import _check_plan, _check_runtime_dir, _plan_bytes
 from dgemma.engine.loading import BUNDLED_MODEL_DIR
 from test_daemon_util import BUSY, FAST_CONFIG, Raw, daemon, dgemma, isolated_env, short_tmp  # noqa: F401  (fixture)
@@ -194,6 +194,20 @@ def test_doctor_plans_memory_with_the_configured_quantization():
     assert _check_plan(BUNDLED_MODEL_DIR, free, None)[0][0] == "fail"
     (level, text), = _check_plan(BUNDLED_MODEL_DIR, free, "nvfp4")
     assert level == "ok" and "nvfp4" in text
+
+
+def test_regeneration_minimum_asks_code_for_code_and_nothing_for_blank_lines():
+    assert regeneration_minimum("   \n\t\n") == 0
+    one = regeneration_minimum("    return a + b\n")
+    assert 1 <= one < regeneration_budget("    return a + b\n", 4096)
+    assert regeneration_minimum("value = compute(item)\n" * 10) > 10 * one // 2
+
+
+def test_fill_of_one_line_answers_with_code(daemon, tmp_path):
+    f = _file(tmp_path)
+    r = dgemma(["fill", f"{f}:4:11", "--json", "--lines", "1", *FAST], daemon.env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["middle"].strip() and "\n" not in json.loads(r.stdout)["middle"].strip()
 
 
 def test_regeneration_budget():

@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dgemma.engine.canvas import line_drafts, plan_rows, slot_candidates
-from dgemma.engine.denoise import denoise, encode, expand_cache
+from dgemma.engine.canvas import FillPlan, line_drafts, plan_rows, slot_candidates
+from dgemma.engine.denoise import Ban, denoise, encode, expand_cache
 from dgemma.engine.engine import Engine
 from dgemma.errors import DgemmaError
 from dgemma.engine.loading import load_model, resolve_model_path
@@ -124,7 +124,7 @@ def test_line_drafts_are_the_lines_above_a_line_start() -> None:
 def test_plan_seeds_draft_rows_and_leaves_the_others_noise(engine: Engine) -> None:
     seed = [40, 41, 42, 43, 44, 45]
     m = engine.canvas_length - 2
-    plan = engine._plan([(m, None), (m, seed)], [7, 8], 0.25, torch.Generator().manual_seed(0))
+    plan = engine._plan([(m, None), (m, seed)], [7, 8], 0.25, torch.Generator().manual_seed(0), engine.canvas_length)
     kept = torch.tensor(seed + [engine.eos_id] + [engine.pad_id] * (m - len(seed) - 1))
     # A plain row starts from noise, not from an empty seed's <eos> <pad>...
     assert (plan.tokens[0, :m] == engine.pad_id).sum() < m // 2
@@ -299,6 +299,59 @@ def test_rows_beyond_the_batch_budget_decode_in_turn(tiny_model_dir) -> None:
     res = narrow.fill("a = 1\n", "b = 2\n", n=2, seed=0, max_tokens=4, settings={"max_denoising_steps": 2})
     assert res.canvases == 1 and res.steps == 2 * len(slot_candidates(16, 4)) * 2
     assert Engine(load_model(tiny_model_dir, device="cpu"), logits_budget_bytes=1).max_rows == 1
+
+
+def test_fill_plan_rows_per_canvas() -> None:
+    # One line on the 26B's 256-slot canvas: a 64-slot canvas, two lengths, once; 128 decoder tokens a step.
+    line = FillPlan.of(256, line_canvas=64, max_lines=1, draws=3, line_draws=1)
+    assert (line.canvas, line.rows(0, 128), line.rows(1, 128)) == (64, [(32, None), (48, None)], [])
+    assert line.decoder_tokens(128) == 128
+    # Any other fill: the whole canvas, every length, each drawn `draws` times, drafts on the first canvas.
+    full = FillPlan.of(256, line_canvas=64, max_lines=2, draws=2, line_draws=1, drafts=[[5, 6]])
+    assert full.canvas == 256 and full.rows(0, 256) == [(64, None), (128, None), (192, None), (224, None),
+                                                        (224, [5, 6])] * 2
+    assert full.rows(1, 256) == [(64, None), (128, None), (192, None), (224, None)]
+    # line_canvas 0 turns the line plan off; a minimum length lifts the shorter lengths to it.
+    assert not FillPlan.of(256, 0, 1, 1, 1).line
+    assert FillPlan.of(256, 64, 1, 1, 1, min_tokens=40).rows(0, 128) == [(40, None), (48, None)]
+    assert FillPlan.of(256, 64, 1, 1, 1, min_tokens=100).rows(0, 128) == [(48, None)]
+
+
+def test_a_one_line_fill_decodes_one_short_canvas(engine: Engine) -> None:
+    settings = {**FAST, "line_canvas": 8}
+    res = engine.fill("def f(a):\n    x = ", "\n    return x\n", max_tokens=32, max_lines=1, seed=0,
+                      settings=settings)
+    assert res.canvases == 1 and res.rows == 2  # lengths 4 and 6 of an 8-slot canvas
+    assert all(c.tokens <= 6 for c in res.completions)
+    full = engine.fill("def f(a):\n    x = ", "\n    return x\n", max_tokens=32, seed=0, settings=settings)
+    assert full.rows >= len(slot_candidates(engine.canvas_length, 32))
+
+
+@pytest.mark.parametrize("max_lines", [None, 1])
+def test_min_tokens_keeps_the_middle_from_ending_early(engine: Engine, max_lines) -> None:
+    for seed in range(4):
+        res = engine.fill("x = ", "\n", n=3, max_tokens=12, max_lines=max_lines, min_tokens=5, seed=seed,
+                          settings=FAST)
+        assert res.completions and all(c.tokens >= 5 for c in res.completions), [c.tokens for c in res.completions]
+    with pytest.raises(DgemmaError, match="min_tokens"):
+        engine.fill("x = ", "\n", max_tokens=4, min_tokens=5)
+
+
+def test_rows_the_request_does_not_accept_rank_last(engine: Engine) -> None:
+    # A budget of one canvas: `accept` judges the first canvas's text, which is then the whole middle.
+    args = dict(n=3, max_tokens=4, seed=2, settings={**FAST, "draws": 3})
+    first = engine.fill("def f(a):\n    return ", "\n", **args).completions
+    refused = first[0].text
+    again = engine.fill("def f(a):\n    return ", "\n", accept=lambda text: text != refused, **args).completions
+    # The refused row is the last alternative, or none at all once enough others were decoded.
+    assert len(again) == len(first) and refused not in [c.text for c in again[:-1]]
+
+
+def test_ban_indices_name_every_banned_token_at_every_masked_position() -> None:
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    rows, cols, ids = Ban(mask, (1, 0)).indices(torch.device("cpu"))
+    assert list(zip(rows.tolist(), cols.tolist(), ids.tolist())) == [(0, 0, 1), (0, 0, 0), (0, 2, 1), (0, 2, 0)]
+    assert Ban(torch.zeros(2, 3, dtype=torch.bool), (1,)).indices(torch.device("cpu")) is None
 
 
 def test_entropy_matches_torch_distributions() -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -10,7 +11,7 @@ from dgemma.lsp.cache import CompletionCache
 from dgemma.lsp.context import (ALIGN_LINES, CHARS_PER_TOKEN, Budget, RingBuffer, build_prompt, comment_prefix,
                                 offset_at, position_at, window)
 from dgemma.lsp.settings import Settings
-from dgemma.lsp.triggers import Debouncer, Latest, should_trigger
+from dgemma.lsp.triggers import Debouncer, Latest, automatic_lines, should_trigger
 
 
 def _doc(n: int) -> str:
@@ -121,6 +122,18 @@ def test_triggers() -> None:
     assert should_trigger("pri", "nt(x)", automatic=False)  # invoked: the user asked
 
 
+def test_automatic_ghost_text_is_one_line_unless_a_block_body_starts() -> None:
+    assert automatic_lines("x = ", "", 16) == 1  # typing in a line
+    assert automatic_lines("def f(a):\n    return a\n", "", 16) == 1  # a new line in a body
+    assert automatic_lines("def f(a):\n    ", "", 16) == 16  # the body after a signature
+    assert automatic_lines("if (x) {\r\n\t", "", 16) == 16  # CRLF, tabs, braces
+    assert automatic_lines("items = [\n\n    ", "", 16) == 1  # a blank line between: not the opener's body
+    assert automatic_lines("def f(a):\n    ", "pass", 16) == 1  # text after the cursor
+    assert automatic_lines("    ", "", 16) == 1  # the first line of a file
+    assert automatic_lines("for x in xs:  # each\n    ", "", 4) == 4  # a comment after the opener
+    assert automatic_lines("s = '{'  # x\n", "", 4) == 1
+
+
 async def test_debouncer_latest_wins() -> None:
     latest = Latest()
     d = Debouncer(0.02, latest)
@@ -173,6 +186,8 @@ def test_settings_merge() -> None:
     assert len(problems) == 2 and "maxLineSuffix" in problems[0] and "sampler" in problems[1]
     assert s.debounce_ms == 50 and s.seed == 3 and s.max_line_suffix == Settings().max_line_suffix
     assert Settings().merged(None) == (Settings(), [])
+    # Back to a random seed: null is a valid seed whatever the current one is.
+    assert s.merged({"seed": None}) == (dataclasses.replace(s, seed=None), [])
     assert s.budget.prefix_tokens == Settings().prefix_tokens
 
 
