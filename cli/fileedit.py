@@ -13,6 +13,7 @@ import json
 import os
 import re
 import stat
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -174,6 +175,40 @@ def replace_lines(src: SourceFile, start: int, end: int, new_text: str) -> bytes
         new = new.replace(b"\n", src.newline)
     out = (BOM if src.bom else b"") + b"".join(src.lines[:start - 1]) + new + b"".join(src.lines[end:])
     return out
+
+
+def apply_line_edits(src: SourceFile, edits: list[dict]) -> bytes:
+    """The file's bytes with the daemon's line edits ({start_line, end_line, text}: 0-based lines of
+    the text as sent, end exclusive, sorted) applied; the lines between them keep their own bytes."""
+    out, at = [BOM if src.bom else b""], 0
+    for e in edits:
+        start, end = int(e["start_line"]), int(e["end_line"])
+        if not at <= start <= end <= src.line_count:
+            raise DgemmaError("internal", f"a line edit {start}-{end} outside {src.shown}'s {src.line_count} lines")
+        new = str(e["text"]).replace("\r\n", "\n").encode("utf-8")
+        out += src.lines[at:start] + [new.replace(b"\n", src.newline) if src.newline != b"\n" else new]
+        at = end
+    return b"".join(out + src.lines[at:])
+
+
+def text_before(src: SourceFile) -> str:
+    """The file as its last commit has it (`git show HEAD:FILE`), as model text."""
+    def git(*args: str) -> subprocess.CompletedProcess[bytes]:
+        try:
+            return subprocess.run(["git", "-C", str(src.path.parent), *args], capture_output=True, timeout=30)
+        except FileNotFoundError:
+            raise DgemmaError("invalid_params", "git is not installed: give the old version with --after OLDFILE") from None
+    top = git("rev-parse", "--show-toplevel")
+    if top.returncode != 0:
+        raise DgemmaError("invalid_params", f"{src.shown} is not in a git repository: give the old version with "
+                                            "--after OLDFILE")
+    rel = src.path.relative_to(Path(top.stdout.decode().strip()).resolve()).as_posix()
+    shown = git("show", f"HEAD:{rel}")
+    if shown.returncode != 0:
+        raise DgemmaError("invalid_params", f"{src.shown} is not in the last commit: give the old version with "
+                                            "--after OLDFILE")
+    data = shown.stdout[len(BOM):] if shown.stdout.startswith(BOM) else shown.stdout
+    return data.decode("utf-8", "replace").replace("\r\n", "\n")
 
 
 # ---- atomic write ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import typer
 
@@ -24,6 +24,9 @@ from dgemma.cli import quant
 from dgemma.cli.doctor import fmt_bytes, remote_summary
 from dgemma.cli.process import wait_gone
 from dgemma.errors import DgemmaError
+
+if TYPE_CHECKING:
+    from dgemma.cli.fileedit import SourceFile
 
 app = typer.Typer(name="dgemma", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fill-in-the-middle and inline edits of code with DiffusionGemma.")
@@ -136,7 +139,7 @@ def edit(
     seed: Optional[int] = SeedOpt,
 ) -> None:
     """Rewrite lines START..END of FILE and show the diff (apply with --yes)."""
-    from dgemma.cli.fileedit import apply_edit, check_range, check_writable, parse_range, read_source, replace_lines
+    from dgemma.cli.fileedit import check_range, check_writable, parse_range, read_source, replace_lines
 
     if yes and dry_run:
         raise DgemmaError("invalid_params", "--yes and --dry-run contradict each other")
@@ -162,6 +165,13 @@ def edit(
     if new_bytes == src.raw:
         _say(f"dgemma: no change to {src.shown}:{start}-{end}")
         return
+    _offer(src, new_bytes, yes=yes, dry_run=dry_run)
+
+
+def _offer(src: SourceFile, new_bytes: bytes, *, yes: bool, dry_run: bool) -> None:
+    """Print the change as a diff, then apply it (atomically, undoable) if the user says so."""
+    from dgemma.cli.fileedit import apply_edit
+
     label = src.shown.lstrip("/")
     diff = difflib.unified_diff(_display(src.raw), _display(new_bytes), f"a/{label}", f"b/{label}")
     for line in diff:
@@ -178,6 +188,60 @@ def edit(
             return
     apply_edit(src, new_bytes)
     _say(f"dgemma: applied to {src.shown}; `dgemma undo {src.shown}` restores the previous version")
+
+
+@app.command(name="next")
+def next_edit(
+    file: str = typer.Argument(..., metavar="FILE", help="A file you have been editing."),
+    after: Optional[Path] = typer.Option(None, "--after", metavar="OLDFILE",
+                                         help="FILE as it was before your recent edits (default: its last "
+                                              "commit, `git show HEAD:FILE`)."),
+    line: Optional[int] = typer.Option(None, "--line", min=1, help="1-based cursor line (default: the last "
+                                                                    "line of the last change)."),
+    region: int = typer.Option(20, "--region", min=1, max=60, help="Lines the suggestion may change."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Apply without asking."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only print the diff."),
+    no_daemon: bool = NoDaemonOpt,
+    model: Optional[str] = ModelOpt,
+    strength: Optional[float] = typer.Option(None, "--strength", min=0.0, max=1.0,
+                                             help="Share of the region renoised (default: the daemon's, 0.1)."),
+    steps: Optional[int] = StepsOpt,
+    seed: Optional[int] = SeedOpt,
+) -> None:
+    """Propose the edit that follows your uncommitted changes to FILE, as a diff (apply with --yes)."""
+    from dgemma.cli.fileedit import apply_line_edits, check_writable, read_source, text_before
+    from dgemma.engine.next_edit import lines_of, recent_edits_between
+
+    if yes and dry_run:
+        raise DgemmaError("invalid_params", "--yes and --dry-run contradict each other")
+    src = read_source(file)
+    text = src.text(0, src.line_count)
+    if len(lines_of(text)) != src.line_count:
+        raise DgemmaError("invalid_params", f"{src.shown}: lines end in a lone carriage return; `dgemma next` "
+                                            "reads files whose lines end in \\n or \\r\\n")
+    before = read_source(after) if after else None
+    old = before.text(0, before.line_count) if before else text_before(src)
+    recent = recent_edits_between(old, text)
+    if not recent:
+        raise DgemmaError("invalid_params", f"{src.shown} has no changes to follow"
+                          + (f" against {after}" if after else " since its last commit") +
+                          ": edit it first, or give --after OLDFILE")
+    if line is not None and line > max(1, src.line_count):
+        raise DgemmaError("invalid_params", f"{src.shown}: line {line} is past the end (the file has "
+                                            f"{src.line_count} lines)")
+    last = recent[-1]
+    cursor = line - 1 if line else last.line + max(0, len(lines_of(last.new)) - 1)
+    if not dry_run:
+        check_writable(src.path, src.shown)
+    params: dict[str, Any] = {"text": text, "path": str(src.path), "cursor": {"line": cursor, "character": 0},
+                              "recent_edits": [vars(e) for e in recent], "region_lines": region,
+                              "strength": strength, "seed": seed, "settings": _settings(steps)}
+    with _too_large(src.shown):
+        res = _run_request("next_edit", params, no_daemon=no_daemon, model=model)
+    if not res["edits"]:
+        _say(f"dgemma: no next edit in {src.shown}:{res['region']['start_line'] + 1}-{res['region']['end_line']}")
+        return
+    _offer(src, apply_line_edits(src, res["edits"]), yes=yes, dry_run=dry_run)
 
 
 @app.command()

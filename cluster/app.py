@@ -1,5 +1,5 @@
-"""The Ray Serve application: each replica holds one engine and answers docs/protocol.md's fill and
-edit over HTTP (the wire of `dgemma.daemon.remote`).
+"""The Ray Serve application: each replica holds one engine and answers docs/protocol.md's fill,
+edit and next_edit over HTTP (the wire of `dgemma.daemon.remote`).
 
 Ray Serve does the serving: its HTTP proxy takes the requests, its consistent-hash request router
 sends every request of a document (the session header the clients set) to the same healthy
@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from dgemma.daemon import protocol as proto
+from dgemma.daemon.protocol import ENGINE_METHODS
 from dgemma.daemon.codec import Controls, engine_kwargs, request_controls, run_request
 from dgemma.daemon.config import Config
 from dgemma.daemon.host import default_engine_factory, failure_error
@@ -38,7 +39,7 @@ log = logging.getLogger("dgemma.cluster")
 APP_NAME = "dgemma"
 DEPLOYMENT = "DgemmaReplica"
 ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
-METHODS = {method_path(m): m for m in ("fill", "edit")}
+METHODS = {method_path(m): m for m in ENGINE_METHODS}
 
 
 def _line(frame: dict[str, Any]) -> bytes:
@@ -81,8 +82,8 @@ class DgemmaReplica:
             return JSONResponse(await self.status())
         method = METHODS.get(path)
         if method is None or request.method != "POST":
-            return _error(404, "invalid_request", f"no {request.method} {path[:200]}; the API is POST /v1/fill, "
-                                                  f"POST /v1/edit and GET {STATUS_PATH}")
+            return _error(404, "invalid_request", f"no {request.method} {path[:200]}; the API is POST "
+                                                  f"{', '.join(METHODS)} and GET {STATUS_PATH}")
         limits = self.config.limits
         body = bytearray()
         async for chunk in request.stream():
@@ -94,7 +95,7 @@ class DgemmaReplica:
             params = json.loads(body)
             if not isinstance(params, dict):
                 raise DgemmaError("invalid_request", "the body must be a JSON object of the request's params")
-            kwargs = engine_kwargs(method, params, limits)
+            kwargs = engine_kwargs(method, params, limits, read_files=False)
             controls = request_controls(params)
         except ValueError as exc:
             return _error(400, "invalid_request", f"the body is not JSON: {exc}")

@@ -10,14 +10,20 @@ from typing import Any, Callable
 
 from dgemma.daemon import protocol as proto
 from dgemma.daemon.config import Limits
+from dgemma.engine import next_edit
 from dgemma.engine.answers import answer, regeneration_budget
 from dgemma.engine.api import Draft, FillEngine, Result
 from dgemma.engine.settings import check_settings
+from dgemma.errors import DgemmaError
 
 
-def engine_kwargs(method: str, params: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    """Validated keyword arguments for Engine.fill / Engine.edit from request params."""
+def engine_kwargs(method: str, params: dict[str, Any], limits: Limits, *, read_files: bool = True) -> dict[str, Any]:
+    """Validated keyword arguments for Engine.fill / Engine.edit (or next_edit.suggest) from request
+    params. ``read_files``: a `path` may stand for the document (the daemon, on the user's machine;
+    not a team server)."""
     p = proto.param
+    if method == "next_edit":
+        return next_edit_kwargs(params, limits, read_files)
     kwargs: dict[str, Any] = {
         "prefix": p(params, "prefix", str),
         "suffix": p(params, "suffix", str, ""),
@@ -39,6 +45,53 @@ def engine_kwargs(method: str, params: dict[str, Any], limits: Limits) -> dict[s
         if max_tokens is not None:
             kwargs["max_tokens"] = max_tokens
     return kwargs
+
+
+def next_edit_kwargs(params: dict[str, Any], limits: Limits, read_files: bool) -> dict[str, Any]:
+    """`next_edit`'s params: the document (``text``, or ``path`` for the daemon to read), the
+    cursor, the recent edits, the region's size. They stay wire-shaped (a team replica gets them
+    as they are); `run_request` makes them `next_edit.RecentEdit`s."""
+    p = proto.param
+    path = p(params, "path", str, None)
+    text = p(params, "text", str, None)
+    if text is None:
+        if path is None or not read_files:
+            raise DgemmaError("invalid_params", "next_edit needs the document as `text`"
+                              + (", or a `path` to read" if read_files else " (a team server reads no files)"))
+        text = _read_document(path, limits.max_frame_bytes)
+    cursor = p(params, "cursor", dict)
+    line = p(cursor, "line", int, min=0, max=1 << 31)
+    recent = p(params, "recent_edits", list, [])
+    if len(recent) > next_edit.MAX_RECENT_EDITS:
+        recent = recent[-next_edit.MAX_RECENT_EDITS:]  # the oldest matter least
+    checked = []
+    for i, edit in enumerate(recent):
+        if not isinstance(edit, dict):
+            raise DgemmaError("invalid_params", f"recent_edits[{i}] must be a map of line, old and new")
+        checked.append({"line": p(edit, "line", int, min=0, max=1 << 31), "old": p(edit, "old", str, ""),
+                        "new": p(edit, "new", str, "")})
+    return {"text": text, "path": path, "cursor": {"line": line, "character": p(cursor, "character", int, 0, min=0)},
+            "recent_edits": checked,
+            "region_lines": p(params, "region_lines", int, next_edit.DEFAULT_REGION_LINES, min=1,
+                              max=next_edit.MAX_REGION_LINES),
+            "strength": p(params, "strength", float, next_edit.DEFAULT_STRENGTH, min=0.0, max=1.0),
+            "n": p(params, "n", int, 1, min=1, max=limits.max_n),
+            "seed": p(params, "seed", int, None, min=-(1 << 63), max=(1 << 64) - 1)}
+
+
+def _read_document(path: str, limit: int) -> str:
+    """The file a `next_edit` names, read as the daemon's user (clients run as the same user)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise DgemmaError("invalid_params", f"cannot read {proto.clip(path, 200)}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise DgemmaError("too_large", f"{proto.clip(path, 200)} is over the limit of {limit} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DgemmaError("invalid_params", f"{proto.clip(path, 200)} is not UTF-8 text") from None
 
 
 @dataclass(frozen=True)
@@ -82,5 +135,20 @@ def run_request(engine: FillEngine, method: str, kwargs: dict[str, Any], setting
     the request's, which the engine overlays on its defaults and validates) as the `result` map."""
     if settings:
         kwargs = {**kwargs, "settings": settings}
+    if method == "next_edit":
+        return _next_edit(engine, kwargs, on_step=on_step, cancel=cancel, deadline=deadline)
     res = answer(engine, method, kwargs, on_step=on_step, cancel=cancel, deadline=deadline)
     return result_payload(res, engine.model_name)
+
+
+def _next_edit(engine: FillEngine, kwargs: dict[str, Any], **control: Any) -> dict[str, Any]:
+    kwargs = dict(kwargs)
+    recent = [next_edit.RecentEdit(**e) for e in kwargs.pop("recent_edits")]
+    cursor = kwargs.pop("cursor")
+    found = next_edit.suggest(engine, kwargs.pop("text"), cursor["line"], recent, **kwargs, **control)
+    payload = result_payload(found.result, engine.model_name) if found.result else {
+        "model": engine.model_name, "steps": 0, "ms": 0.0}
+    payload.pop("completions", None)
+    payload["edits"] = [{"start_line": e.start_line, "end_line": e.end_line, "text": e.text} for e in found.edits]
+    payload["region"] = {"start_line": found.region[0], "end_line": found.region[1]}
+    return payload

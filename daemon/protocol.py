@@ -38,7 +38,9 @@ MAX_ID_CHARS = 256
 # into them (and into the log) through `clip`, which escapes it and cuts it much shorter.
 MAX_MESSAGE_CHARS = 1024
 
-METHODS = ("hello", "ping", "status", "fill", "edit", "cancel", "reload", "shutdown")
+# The requests the model answers (queued for the worker, forwarded to a team server in remote mode).
+ENGINE_METHODS = ("fill", "edit", "next_edit")
+METHODS = ("hello", "ping", "status", *ENGINE_METHODS, "cancel", "reload", "shutdown")
 
 
 class FrameTooLarge(DgemmaError):

@@ -71,7 +71,8 @@ class Server:
         # (fill and edit from the worker, reload once the config is in force). `hello` comes first,
         # before the table is open to a connection.
         self.handlers: dict[str, Callable[[Connection, Any, dict[str, Any]], dict[str, Any] | None]] = {
-            "ping": self._m_ping, "status": self._m_status, "fill": self._m_fill, "edit": self._m_edit,
+            "ping": self._m_ping, "status": self._m_status,
+            **{method: self._engine_method(method) for method in proto.ENGINE_METHODS},
             "cancel": self._m_cancel, "reload": self._m_reload, "shutdown": self._m_shutdown}
         assert {"hello", *self.handlers} == set(proto.METHODS), "the protocol's methods and the handlers differ"
         self.started = time.time()
@@ -389,11 +390,9 @@ class Server:
             "config_path": str(self.config_file), "config_error": self.watcher.error or self.host.apply_error,
         }
 
-    def _m_fill(self, conn: Connection, rid: Any, params: dict[str, Any]) -> None:
-        self._submit(conn, rid, "fill", params)
-
-    def _m_edit(self, conn: Connection, rid: Any, params: dict[str, Any]) -> None:
-        self._submit(conn, rid, "edit", params)
+    def _engine_method(self, method: str) -> Callable[[Connection, Any, dict[str, Any]], None]:
+        """The handler of a request the worker answers: it is queued as a job."""
+        return lambda conn, rid, params: self._submit(conn, rid, method, params)
 
     def _submit(self, conn: Connection, rid: Any, method: str, params: dict[str, Any]) -> None:
         limits = self.host.config.limits

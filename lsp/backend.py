@@ -1,5 +1,5 @@
 """The language server's side of the daemon: connect (starting it on demand), wait for
-the model, run fills and edits, and remember a load failure so keystrokes stop
+the model, run fills, edits and next edits, and remember a load failure so keystrokes stop
 hammering a daemon that cannot serve.
 """
 from __future__ import annotations
@@ -42,6 +42,10 @@ class Backend(Protocol):
     async def edit(self, prefix: str, selection: str, suffix: str, instruction: str, *, document: str,
                    strength: float = 0.5, seed: int | None = None, max_tokens: int | None = None,
                    sampler: dict[str, Any] | None = None) -> FillResult: ...
+
+    async def next_edit(self, text: str, line: int, recent_edits: list[dict[str, Any]], *, document: str,
+                        path: str | None = None, region_lines: int = 20, seed: int | None = None,
+                        sampler: dict[str, Any] | None = None) -> list[dict[str, Any]]: ...
 
 
 # Errors the daemon answers every fill with until its model (or, in remote mode, the team server)
@@ -119,7 +123,14 @@ class DaemonBackend:
         await self._emit("ready", f"Model {self.model or ''} ready".replace("  ", " "), model=self.model)
 
     async def _request(self, method: str, params: dict[str, Any]) -> FillResult:
+        res = await self._call(method, params)
+        comps = res.get("completions") or [{"text": ""}]
+        return FillResult(text=str(comps[0].get("text", "")), ms=float(res.get("ms", 0.0)),
+                          steps=int(res.get("steps", 0)), model=res.get("model"),
+                          queue_ms=float(res.get("queue_ms", 0.0)))
 
+    async def _call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """The daemon's result map for one request; a load failure is remembered."""
         client = await self.ensure_ready()
         try:
             res = await client.request(method, params)
@@ -134,10 +145,7 @@ class DaemonBackend:
             raise err from None
         if self.error is not None:  # the failure that stood is over (remote mode: the team server is back)
             await self._ready()
-        comps = res.get("completions") or [{"text": ""}]
-        return FillResult(text=str(comps[0].get("text", "")), ms=float(res.get("ms", 0.0)),
-                          steps=int(res.get("steps", 0)), model=res.get("model"),
-                          queue_ms=float(res.get("queue_ms", 0.0)))
+        return res
 
     async def fill(self, prefix: str, suffix: str, *, document: str, max_tokens: int, n: int = 1,
                    seed: int | None = None, sampler: dict[str, Any] | None = None,
@@ -160,6 +168,16 @@ class DaemonBackend:
         if max_tokens is not None:
             params["max_tokens"] = max_tokens
         return await self._request("edit", _extra(params, seed, sampler))
+
+    async def next_edit(self, text: str, line: int, recent_edits: list[dict[str, Any]], *, document: str,
+                        path: str | None = None, region_lines: int = 20, seed: int | None = None,
+                        sampler: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """The daemon's line edits ({start_line, end_line, text}) for the edit after ``recent_edits``."""
+        params: dict[str, Any] = {"text": text, "path": path, "cursor": {"line": line, "character": 0},
+                                  "recent_edits": recent_edits, "region_lines": region_lines,
+                                  "document": document, "stream": False}
+        res = await self._call("next_edit", _extra(params, seed, sampler))
+        return list(res.get("edits") or [])
 
     async def close(self) -> None:
         if self._client is not None:

@@ -16,12 +16,14 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from lsprotocol import types
+from lsprotocol.converters import get_converter
 from pygls.lsp.server import LanguageServer
 
 from dgemma import __version__
 from dgemma.lsp.backend import Backend, DaemonBackend
 from dgemma.errors import DgemmaError
 from dgemma.lsp.cache import CompletionCache
+from dgemma.lsp.edits import EditHistory
 from dgemma.lsp.context import RingBuffer, build_prompt, language_of, offset_at, position_at, window
 from dgemma.lsp.progress import StateReporter
 from dgemma.lsp.settings import Settings
@@ -33,6 +35,8 @@ log = logging.getLogger("dgemma.lsp")
 CMD_REWRITE = "dgemma.rewrite"
 CMD_FILL = "dgemma.fill"
 CMD_STATUS = "dgemma.status"
+converter = get_converter()
+NEXT_EDIT = "dgemma/nextEdit"  # the request, and the notification sent unasked to clients that opt in
 
 
 class DgemmaLanguageServer(LanguageServer):
@@ -49,6 +53,7 @@ class DgemmaLanguageServer(LanguageServer):
         self.backend: Backend = backend or DaemonBackend(on_state=self.reporter.on_state)
         self.languages: dict[str, str] = {}
         self.root: str | None = None
+        self.edits = EditHistory()
 
     def start_io(self, stdin: Any = None, stdout: Any = None) -> None:
         """Serve on stdio with dgemma's reader (lsp/transport.py): message size limit, framing
@@ -113,6 +118,7 @@ def did_change_configuration(ls: DgemmaLanguageServer, params: types.DidChangeCo
 def did_open(ls: DgemmaLanguageServer, params: types.DidOpenTextDocumentParams) -> None:
     doc = params.text_document
     ls.languages[doc.uri] = language_of(doc.uri, doc.language_id)
+    ls.edits.opened(doc.uri, doc.text)
     # The top of a freshly opened file (imports, definitions) is the best guess
     # of what is useful from it until the user edits it.
     ls.ring.touch(doc.uri, 0)
@@ -120,11 +126,17 @@ def did_open(ls: DgemmaLanguageServer, params: types.DidOpenTextDocumentParams) 
 
 @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
 def did_change(ls: DgemmaLanguageServer, params: types.DidChangeTextDocumentParams) -> None:
+    uri = params.text_document.uri
     line = 0
     for change in params.content_changes:
         if isinstance(change, types.TextDocumentContentChangePartial):
             line = change.range.start.line
-    ls.ring.touch(params.text_document.uri, line)
+    ls.ring.touch(uri, line)
+    ls.edits.changed(uri, ls.workspace.get_text_document(uri).source)
+    # A suggestion in flight is for the text before this change: it stops, and is never shown.
+    gen = ls.latest.begin(_next_key(uri))
+    if ls.settings.next_edit and ls.settings.next_edit_notify:
+        asyncio.get_running_loop().create_task(_notify_next_edit(ls, uri, gen))
 
 
 @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
@@ -133,6 +145,8 @@ def did_close(ls: DgemmaLanguageServer, params: types.DidCloseTextDocumentParams
     ls.ring.forget(uri)
     ls.languages.pop(uri, None)
     ls.latest.forget(uri)
+    ls.latest.forget(_next_key(uri))
+    ls.edits.forget(uri)
 
 
 # ---- completions ----------------------------------------------------------------------
@@ -242,6 +256,75 @@ async def completion(ls: DgemmaLanguageServer, params: types.CompletionParams) -
         text_edit=types.TextEdit(range=types.Range(start=types.Position(sl, sc), end=pos), new_text=word + middle),
     )
     return types.CompletionList(is_incomplete=True, items=[item])
+
+
+# ---- next-edit suggestions ------------------------------------------------------------
+
+def _next_key(uri: str) -> str:
+    """The `Latest` key and daemon `document` of a document's next-edit requests: a newer one
+    supersedes them, ghost text and rewrites do not."""
+    return f"{uri}#next"
+
+
+async def _next_edits(ls: DgemmaLanguageServer, uri: str, line: int, gen: int) -> tuple[list[types.TextEdit], int | None]:
+    """The suggested edits for ``uri`` as it is now, and the version they are for; none when the
+    feature is off, there are no recent edits, the model proposes nothing, or the document
+    changed meanwhile (a suggestion is never applied to other text)."""
+    doc = ls.workspace.get_text_document(uri)
+    text, version = doc.source, doc.version
+    recent = ls.edits.recent(uri)
+    s = ls.settings
+    if not s.next_edit or not recent:
+        return [], version
+    try:
+        found = await ls.latest.run(_next_key(uri), gen, ls.backend.next_edit(
+            text, line, [vars(e) for e in recent], document=_next_key(uri), path=_file_path(uri),
+            region_lines=s.next_edit_region_lines, seed=s.seed, sampler=s.sampler))
+    except DgemmaError as exc:
+        ls.reporter.request_failed(exc)
+        return [], version
+    if found is None or not ls.latest.is_current(_next_key(uri), gen) or \
+            ls.workspace.get_text_document(uri).version != version:
+        return [], version
+
+    def at(line_no: int) -> types.Position:  # a line's start; past the last line, the end of the text
+        return types.Position(*position_at(text, offset_at(text, line_no, 0)))
+    return [types.TextEdit(range=types.Range(start=at(e["start_line"]), end=at(e["end_line"])), new_text=e["text"])
+            for e in found], version
+
+
+@server.feature(NEXT_EDIT)
+async def next_edit(ls: DgemmaLanguageServer, params: Any) -> dict[str, Any]:
+    """``dgemma/nextEdit {textDocument, position}`` -> ``{edits: TextEdit[], version}``: the edit
+    that follows the document's recent edits, near ``position``. An empty list is an answer."""
+    uri = _field(_field(params, "textDocument"), "uri")
+    line = _field(_field(params, "position"), "line")
+    if not isinstance(uri, str) or not isinstance(line, int):
+        raise ValueError("dgemma/nextEdit needs {textDocument: {uri}, position: {line, character}}")
+    edits, version = await _next_edits(ls, uri, line, ls.latest.begin(_next_key(uri)))
+    return {"edits": [converter.unstructure(e) for e in edits], "version": version}
+
+
+async def _notify_next_edit(ls: DgemmaLanguageServer, uri: str, gen: int) -> None:
+    """After a pause in editing, the suggestion sent unasked (clients that opted in)."""
+    await asyncio.sleep(ls.settings.next_edit_debounce_ms / 1000)
+    if not ls.latest.is_current(_next_key(uri), gen):
+        return  # typed again: the newer change asks instead
+    recent = ls.edits.recent(uri)
+    line = recent[-1].line + max(0, recent[-1].new.count("\n") - 1) if recent else 0
+    edits, version = await _next_edits(ls, uri, line, gen)
+    if edits:
+        ls.protocol.notify(NEXT_EDIT, {"textDocument": {"uri": uri, "version": version},
+                                       "edits": [converter.unstructure(e) for e in edits]})
+
+
+def _field(obj: Any, name: str) -> Any:
+    """A field of a custom request's params (pygls hands them over as attribute objects or maps)."""
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def _file_path(uri: str) -> str | None:
+    return unquote(urlparse(uri).path) if uri.startswith("file:") else None
 
 
 # ---- code actions and commands --------------------------------------------------------

