@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from machine import cpu_name  # bench/ is this script's folder
+from private_daemon import private_daemon
+from report import pct, write_section
 
-ROOT = Path(__file__).resolve().parent.parent
 
 PREFIX = '''import json
 from pathlib import Path
@@ -45,11 +43,6 @@ def save_settings(path: Path, settings: dict) -> None:
 '''
 
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
@@ -60,34 +53,17 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="update the Daemon section of BENCHMARKS.md")
     args = ap.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="dgb-", dir="/tmp"))
-    os.environ.update(DGEMMA_RUNTIME_DIR=str(tmp / "run"), DGEMMA_CONFIG_DIR=str(tmp / "cfg"),
-                      DGEMMA_DATA_DIR=str(tmp / "data"))
-    os.environ.pop("DGEMMA_SOCKET", None)
-    if args.model:
-        os.environ["DGEMMA_MODEL"] = str(Path(args.model).resolve())
-
     import torch
 
-    from dgemma.daemon.client import Client, ModelLoadFailed, ensure_daemon
-    from dgemma.daemon.config import socket_path
     from dgemma.engine.engine import Engine
     from dgemma.engine.loading import load_model
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    sock = socket_path()
     params = {"prefix": PREFIX, "suffix": SUFFIX, "max_tokens": args.max_tokens, "seed": 0}
     settings = {"max_denoising_steps": args.steps} if args.steps else {}
     if settings:
         params["settings"] = settings
-    try:
-        ensure_daemon(sock)
-        client = Client.connect(sock)
-        try:
-            client.wait_loaded()
-        except ModelLoadFailed as exc:
-            sys.exit(f"daemon could not load the model: {exc.message}")
-
+    with private_daemon(args.model) as client:
         # ping
         for _ in range(100):
             client.request("ping")
@@ -121,11 +97,6 @@ def main() -> None:
                 dt, n = fn()
                 out.append(dt)
                 steps.add(n)
-        client.request("shutdown")
-        client.close()
-    finally:
-        time.sleep(0.5)
-        shutil.rmtree(tmp, ignore_errors=True)
 
     med_l, med_r, med_n = (statistics.median(x) * 1000 for x in (local, remote, remote_nodraft))
     machine = (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -150,14 +121,7 @@ drifting load (this machine is shared) hits all three alike.
 """
     print(section)
     if args.write:
-        bench = ROOT / "BENCHMARKS.md"
-        text = bench.read_text() if bench.exists() else "# Benchmarks\n"
-        pattern = re.compile(r"^## Daemon\n.*?(?=^## |\Z)", re.S | re.M)
-        if pattern.search(text):
-            text = pattern.sub(lambda m: section + "\n", text, count=1)
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        bench.write_text(text)
+        write_section(section)
 
 
 if __name__ == "__main__":

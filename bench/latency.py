@@ -27,11 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +37,8 @@ sys.path.append(str(ROOT))  # bench/ and train/ are folders beside the package; 
 
 from bench.infill_eval import Case, make_cases  # noqa: E402
 from bench.machine import cpu_name  # noqa: E402
+from bench.report import pct, write_section  # noqa: E402
+from bench.private_daemon import private_daemon  # noqa: E402
 from dgemma.engine.canvas import FillPlan, line_drafts  # noqa: E402
 from dgemma.engine.ranking import edit_similarity  # noqa: E402
 from dgemma.engine.settings import SamplerSettings  # noqa: E402
@@ -48,11 +47,6 @@ from dgemma.lsp.settings import Settings as LspSettings  # noqa: E402
 
 VARIANTS = {"old": {"line_canvas": 0}, "new": {}}
 BUNDLED_SAMPLER = ROOT / "dgemma" / "bundled" / "dgemma_sampler.json"
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 def request(case: Case, lsp: LspSettings, seed: int, settings: dict, prefix: str | None = None) -> dict:
@@ -113,28 +107,11 @@ def main() -> None:
 
     version, cases = make_cases(args.package, args.single, args.multi, args.seed)
     lsp = LspSettings()
-    tmp = Path(tempfile.mkdtemp(prefix="dgl-", dir="/tmp"))
-    os.environ.update(DGEMMA_RUNTIME_DIR=str(tmp / "run"), DGEMMA_CONFIG_DIR=str(tmp / "cfg"),
-                      DGEMMA_DATA_DIR=str(tmp / "data"))
-    os.environ.pop("DGEMMA_SOCKET", None)
-    if args.model:
-        os.environ["DGEMMA_MODEL"] = str(Path(args.model).resolve())
-
     import torch
-
-    from dgemma.daemon.client import Client, ModelLoadFailed, ensure_daemon
-    from dgemma.daemon.config import socket_path
 
     model = args.model or "bundled"
     results: dict[tuple[str, str], list[dict]] = {(v, c.kind): [] for v in variants for c in cases}
-    sock = socket_path()
-    try:
-        ensure_daemon(sock)
-        client = Client.connect(sock)
-        try:
-            client.wait_loaded()
-        except ModelLoadFailed as exc:
-            sys.exit(f"daemon could not load the model: {exc.message}")
+    with private_daemon(args.model) as client:
         for i, case in enumerate(cases):
             above = case.prefix[:case.prefix.rstrip("\n").rfind("\n") + 1]
             client.request("fill", request(case, lsp, 10_000 + i, {}, prefix=above))  # primes the cache
@@ -148,11 +125,6 @@ def main() -> None:
                 results[(name, case.kind)].append({"s": seconds, "steps": res["steps"], "rows": res["rows"],
                                                    "es": edit_similarity(text, case.middle), "empty": not text})
             print(f"case {i + 1}/{len(cases)}", file=sys.stderr, end="\r", flush=True)
-        client.request("shutdown")
-        client.close()
-    finally:
-        time.sleep(0.5)
-        shutil.rmtree(tmp, ignore_errors=True)
 
     machine = (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}")
@@ -192,14 +164,7 @@ One denoising step of a single-line fill on the shipped 26B-A4B config (engine/c
 """
     print(section)
     if args.write:
-        bench = ROOT / "BENCHMARKS.md"
-        text = bench.read_text() if bench.exists() else "# Benchmarks\n"
-        pattern = re.compile(r"^## Latency\n.*?(?=^## |\Z)", re.S | re.M)
-        if pattern.search(text):
-            text = pattern.sub(lambda m: section + "\n", text, count=1)
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        bench.write_text(text)
+        write_section(section)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from typing import Any
 
 from lsprotocol import types as t
 from pygls.lsp.client import LanguageClient
+from report import pct  # bench/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 URI = "file:///bench/example.py"
@@ -71,11 +72,6 @@ def tiny_model(folder: Path) -> Path:
     from tiny import build_tiny_checkpoint  # the tests' tiny random checkpoint
 
     return build_tiny_checkpoint(folder / "tiny")
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
 async def run(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:

@@ -4,7 +4,6 @@ request through the real daemon on the bundled model, where every byte outside t
 stay as it was."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -155,3 +154,88 @@ def test_next_edit_of_an_empty_document_is_no_edit(daemon):
     res = _call(daemon, {"text": "", "cursor": {"line": 0}, "recent_edits": [{"line": 0, "old": "x\n", "new": ""}],
                          "stream": False})["result"]
     assert res["edits"] == [] and res["region"] == {"start_line": 0, "end_line": 0}
+
+
+# ---- `dgemma next` ----------------------------------------------------------------------
+
+FILLER = "".join(f"value_{i} = {i}\n" for i in range(40))
+
+
+def _repo(tmp_path: Path) -> Path:
+    import subprocess
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "stats.py").write_text(STATS + FILLER)
+    git = ["git", "-C", str(repo), "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "stats.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "stats"], check=True)
+    return repo
+
+
+def test_next_follows_the_uncommitted_change_and_moves_nothing_outside_the_region(daemon, tmp_path):
+    from test_daemon_util import dgemma
+
+    f = _repo(tmp_path) / "stats.py"
+    f.write_text(RENAMED + FILLER)
+    before = f.read_bytes()
+    r = dgemma(["next", str(f), "--dry-run", "--seed", "0", "--region", "12"], daemon.env)
+    assert r.returncode == 0, r.stderr
+    assert f.read_bytes() == before
+    assert r.stdout.startswith("--- a/") or "no next edit in" in r.stderr, (r.stdout, r.stderr)
+    r = dgemma(["next", str(f), "--yes", "--seed", "0", "--region", "12"], daemon.env)
+    assert r.returncode == 0, r.stderr
+    after = f.read_bytes().decode().split("\n")
+    old = before.decode().split("\n")
+    # The region is at most 12 lines around line 1: the filler below it is byte for byte the same.
+    assert after[len(after) - 35:] == old[len(old) - 35:]
+    if r.stdout:
+        assert "applied to" in r.stderr
+        assert dgemma(["undo", str(f)], daemon.env).returncode == 0
+    assert f.read_bytes() == before
+
+
+def test_next_refuses_what_it_cannot_follow(daemon, tmp_path):
+    from test_daemon_util import dgemma
+
+    f = _repo(tmp_path) / "stats.py"
+    r = dgemma(["next", str(f)], daemon.env)
+    assert r.returncode == 1 and "no changes to follow" in r.stderr
+    loose = tmp_path / "loose.py"
+    loose.write_text(RENAMED)
+    r = dgemma(["next", str(loose)], daemon.env)
+    assert r.returncode == 1 and "not in a git repository" in r.stderr and "--after" in r.stderr
+    old = tmp_path / "old.py"
+    old.write_text(STATS)
+    r = dgemma(["next", str(loose), "--after", str(old), "--line", "99"], daemon.env)
+    assert r.returncode == 1 and "past the end" in r.stderr
+    r = dgemma(["next", str(loose), "--after", str(old), "--dry-run", "--seed", "1"], daemon.env)
+    assert r.returncode == 0, r.stderr
+    assert loose.read_text() == RENAMED
+
+
+def test_eval_cuts_two_hunk_commits_and_scores_against_the_commit(tmp_path):
+    """bench/next_edit_eval.py on a repository made here: the commit that renamed a parameter
+    and its first use is one case; the commit's own second hunk scores exact, no edit does not."""
+    import subprocess
+    import sys
+
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+    from bench.next_edit_eval import cut_cases, score
+
+    repo = _repo(tmp_path)
+    f = repo / "stats.py"
+    f.write_text((RENAMED + FILLER).replace("    for v in values:", "    for v in numbers:"))
+    git = ["git", "-C", str(repo), "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run([*git, "commit", "-qam", "rename"], check=True)
+    cases = cut_cases(repo, 5, 0)
+    assert len(cases) == 1 and cases[0].path == "stats.py"
+    case = cases[0]
+    assert case.recent == RecentEdit(0, "def mean(values):\n", "def mean(numbers):\n")
+    lines = lines_of(case.text)
+    commit = [LineEdit(i1, i2, "".join(lines_of(case.expected)[j1:j2]))
+              for i1, i2, j1, j2 in line_hunks(case.text, case.expected)]
+    exact, es, baseline = score(case, commit)
+    assert exact and es == 1.0 and baseline < 1.0
+    assert score(case, [])[:2] == (False, baseline)
