@@ -256,3 +256,38 @@ def test_native_inline_completion_of_neovim_0_12(nvim: Nvim) -> None:
     sugg = nvim.wait("ghost text", lambda: nvim.lua("return require('dgemma').suggestion()"))
     nvim.request("nvim_input", "<Tab>")
     nvim.wait("the accepted text", lambda: "\n".join(nvim.lines()[1:]).startswith(line + sugg["text"]))
+
+
+def test_next_edit_is_asked_for_shown_accepted_as_one_undo_step_and_dropped_by_typing(nvim: Nvim) -> None:
+    """After an edit, :DgemmaNextEdit reaches the server and comes back for the buffer's version.
+    The bundled model seldom proposes an edit, so the display and the accept are then driven with
+    edits given to the plugin's display function directly, as the server's answer would be."""
+    nvim.request("nvim_buf_set_lines", 0, 0, 1, False, ["def add(x, b):"])  # the user's edit
+    done = "vim.g.dgemma_next_done"
+    nvim.lua(f"vim.api.nvim_create_autocmd('User', {{pattern = 'DgemmaNextEditDone', callback = function() {done} = true end}})")
+    nvim.request("nvim_command", "DgemmaNextEdit")
+    nvim.wait("the next-edit answer", lambda: nvim.lua(f"return {done}"), timeout=120)
+    shown = nvim.lua("return require('dgemma').next_suggestion(0)")
+    assert shown is None or shown["version"] == nvim.lua("return vim.b.changedtick")
+
+    before = nvim.lines()
+    edits = [{"range": {"start": {"line": 1, "character": 0}, "end": {"line": 2, "character": 0}},
+              "newText": "    return x + b\n"}]
+    tick = nvim.lua("return vim.b.changedtick")
+    nvim.lua("require('dgemma')._show_next(0, ..., vim.b.changedtick)", edits)
+    marks = nvim.lua("return #vim.api.nvim_buf_get_extmarks(0, vim.api.nvim_get_namespaces()['dgemma_next'], 0, -1, {})")
+    assert marks == 2  # the replaced line highlighted, the new one below it
+    assert nvim.lines() == before  # shown, not applied
+    assert nvim.lua("return require('dgemma').accept_next_edit()") is True
+    assert nvim.lines() == [before[0], "    return x + b", *before[2:]]
+    nvim.request("nvim_command", "undo")
+    assert nvim.lines() == before  # one undo step
+
+    # Stale: a suggestion for an older version is not shown; typing drops a shown one.
+    nvim.lua("require('dgemma')._show_next(0, ..., ...)", edits, tick)
+    assert nvim.lua("return require('dgemma').next_suggestion(0)") is None
+    nvim.lua("require('dgemma')._show_next(0, ..., vim.b.changedtick)", edits)
+    assert nvim.lua("return require('dgemma').next_suggestion(0)") is not None
+    nvim.request("nvim_buf_set_lines", 0, 3, 3, False, ["# typed"])
+    assert nvim.lua("return require('dgemma').next_suggestion(0)") is None
+    assert nvim.lua("return require('dgemma').accept_next_edit()") is False

@@ -27,3 +27,11 @@ vim.api.nvim_create_user_command('DgemmaStatus', function()
   local s = require('dgemma').status
   print(s and string.format('dgemma: %s %s', s.state, s.message or '') or 'dgemma: not started')
 end, { desc = 'dgemma: daemon state' })
+
+vim.api.nvim_create_user_command('DgemmaNextEdit', function()
+  require('dgemma').next_edit()
+end, { desc = 'dgemma: the next edit after your recent ones (again: jump to it)' })
+
+vim.api.nvim_create_user_command('DgemmaAcceptNextEdit', function()
+  require('dgemma').accept_next_edit()
+end, { desc = 'dgemma: apply the next edit shown' })

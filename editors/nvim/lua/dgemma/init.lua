@@ -32,6 +32,9 @@ M.config = {
     accept_line = '<M-l>',
     dismiss = '<C-]>',
     trigger = '<M-\\>',
+    -- Normal mode: ask for the next edit (or, with one shown, jump to it), and accept it.
+    next_edit = '<M-n>',
+    accept_next_edit = '<M-y>',
   },
 }
 
@@ -395,6 +398,90 @@ function M.rewrite(opts)
   end
 end
 
+-- ---- next-edit suggestions (dgemma/nextEdit) -----------------------------------
+
+local ns_next = api.nvim_create_namespace('dgemma_next')
+---@type table<integer, {edits: table[], version: integer}>
+local next_edits = {}
+
+local function clear_next(bufnr)
+  bufnr = bufnr == 0 and api.nvim_get_current_buf() or bufnr
+  if api.nvim_buf_is_valid(bufnr) then
+    api.nvim_buf_clear_namespace(bufnr, ns_next, 0, -1)
+  end
+  next_edits[bufnr] = nil
+end
+
+--- Show `edits` (LSP TextEdits of whole lines, as the server sends them) for document
+--- `version`: the replaced lines highlighted, the new ones as virtual lines below them.
+function M._show_next(bufnr, edits, version)
+  bufnr = bufnr == 0 and api.nvim_get_current_buf() or bufnr
+  clear_next(bufnr)
+  if #edits == 0 or version ~= api.nvim_buf_get_changedtick(bufnr) then
+    return -- nothing to show, or for another text than the buffer's
+  end
+  local count = api.nvim_buf_line_count(bufnr)
+  for _, e in ipairs(edits) do
+    local first, last = e.range.start.line, e.range['end'].line
+    for row = first, math.min(last, count) - 1 do
+      api.nvim_buf_set_extmark(bufnr, ns_next, row, 0, { line_hl_group = 'DgemmaNextEditOld' })
+    end
+    local virt = {}
+    for _, line in ipairs(vim.split((e.newText:gsub('\n$', '')), '\n', { plain = true })) do
+      virt[#virt + 1] = { { line ~= '' and line or ' ', 'DgemmaNextEdit' } }
+    end
+    if e.newText ~= '' then
+      local below = last > first and last <= count
+      local row = below and last - 1 or math.min(first, count - 1)
+      api.nvim_buf_set_extmark(bufnr, ns_next, math.max(row, 0), 0,
+        { virt_lines = virt, virt_lines_above = not below and first < count })
+    end
+  end
+  next_edits[bufnr] = { edits = edits, version = version }
+end
+
+--- The next edit this module shows in a buffer ({edits, version}), or nil.
+function M.next_suggestion(bufnr)
+  return next_edits[(bufnr == nil or bufnr == 0) and api.nvim_get_current_buf() or bufnr]
+end
+
+--- Ask the server for the edit that follows the recent ones, near the cursor; with one
+--- shown already, jump to it instead.
+function M.next_edit()
+  local bufnr = api.nvim_get_current_buf()
+  local shown = next_edits[bufnr]
+  if shown then
+    api.nvim_win_set_cursor(0, { shown.edits[1].range.start.line + 1, 0 })
+    return
+  end
+  local client = get_client(bufnr)
+  if not client then
+    return
+  end
+  local params = { textDocument = { uri = vim.uri_from_bufnr(bufnr) },
+                   position = { line = api.nvim_win_get_cursor(0)[1] - 1, character = 0 } }
+  client:request('dgemma/nextEdit', params, function(err, result)
+    if err or not result then
+      return
+    end
+    M._show_next(bufnr, result.edits or {}, result.version)
+    api.nvim_exec_autocmds('User', { pattern = 'DgemmaNextEditDone', modeline = false })
+  end, bufnr)
+end
+
+--- Apply the next edit shown in the buffer, as one undo step; false when none is shown.
+function M.accept_next_edit()
+  local bufnr = api.nvim_get_current_buf()
+  local shown = next_edits[bufnr]
+  clear_next(bufnr)
+  if not shown or shown.version ~= api.nvim_buf_get_changedtick(bufnr) then
+    return false
+  end
+  local client = get_client(bufnr)
+  vim.lsp.util.apply_text_edits(shown.edits, bufnr, client and client.offset_encoding or 'utf-16')
+  return true
+end
+
 -- ---- attaching --------------------------------------------------------------------
 
 function M.statusline()
@@ -481,11 +568,19 @@ local function map_keys()
   if km.trigger then
     vim.keymap.set('i', km.trigger, function() M.trigger(1) end, { desc = 'dgemma: suggest here' })
   end
+  if km.next_edit then
+    vim.keymap.set('n', km.next_edit, M.next_edit, { desc = 'dgemma: next edit (ask, or jump to it)' })
+  end
+  if km.accept_next_edit then
+    vim.keymap.set('n', km.accept_next_edit, M.accept_next_edit, { desc = 'dgemma: accept the next edit' })
+  end
 end
 
 function M.setup(opts)
   M.config = vim.tbl_deep_extend('force', M.config, opts or {})
   api.nvim_set_hl(0, 'DgemmaSuggestion', { link = 'Comment', default = true })
+  api.nvim_set_hl(0, 'DgemmaNextEdit', { link = 'DiffAdd', default = true })
+  api.nvim_set_hl(0, 'DgemmaNextEditOld', { link = 'DiffDelete', default = true })
   local group = api.nvim_create_augroup('dgemma', { clear = true })
   api.nvim_create_autocmd({ 'FileType', 'BufEnter' }, {
     group = group,
@@ -518,6 +613,11 @@ function M.setup(opts)
         end
       end
     end,
+  })
+  -- A next edit is for the text it was asked about: typing, or leaving the buffer, drops it.
+  api.nvim_create_autocmd({ 'TextChanged', 'TextChangedI', 'InsertEnter', 'BufLeave' }, {
+    group = group,
+    callback = function(args) clear_next(args.buf) end,
   })
   api.nvim_create_autocmd({ 'InsertLeave', 'BufLeave' }, {
     group = group,
